@@ -1,0 +1,66 @@
+"""aufs: Docker's AUFS layer store, mounted on today's kernels.
+
+The low-level functions come from the native extension or its pure-Python twin;
+`aufs.IMPLEMENTATION` says which one is live (AUFS_NO_EXTENSIONS=1 forces the fallback).
+"""
+
+from __future__ import annotations
+
+import os
+
+from aufs._implementation import (
+    IMPLEMENTATION,
+    aufs_mount_data,
+    directory_size,
+    fs_magic,
+    fsmount,
+    is_mountpoint,
+    mount,
+    mounted,
+    unmount,
+)
+from aufs.errors import (
+    AufsError,
+    DiffError,
+    IncompatibleFSError,
+    InvalidLayerIDError,
+    LayerExistsError,
+    LayerNotFoundError,
+    MountError,
+    NotSupportedError,
+    UnmountBusyError,
+)
+from aufs.fsmagic import FS_NAMES, FsMagic, backing_fs_name
+
+__version__ = "0.1.0"
+
+
+def get_include() -> list[str]:
+    """Directories to give Cython (include_path) so that `cimport aufs` finds aufs/*.pxd."""
+    return [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+
+__all__ = [
+    "FS_NAMES",
+    "IMPLEMENTATION",
+    "AufsError",
+    "DiffError",
+    "FsMagic",
+    "IncompatibleFSError",
+    "InvalidLayerIDError",
+    "LayerExistsError",
+    "LayerNotFoundError",
+    "MountError",
+    "NotSupportedError",
+    "UnmountBusyError",
+    "aufs_mount_data",
+    "backing_fs_name",
+    "directory_size",
+    "fs_magic",
+    "fsmount",
+    "get_include",
+    "is_mountpoint",
+    "mount",
+    "mounted",
+    "unmount",
+]

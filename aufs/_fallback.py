@@ -1,0 +1,397 @@
+"""The pure-Python twin of aufs._native, and the readable spec of every low-level function.
+
+Each function here behaves exactly like its native counterpart: same results, same exception
+types. Syscalls that the standard library lacks (mount, statfs, statx, the new mount API) go
+through ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import operator
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from typing import Union
+
+IMPLEMENTATION = "fallback"
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# Docker keeps this much of each page for the options that follow the branches (54) and for
+# ",dirperm1" (9); see reference notes §1.8.
+_MOUNT_DATA_RESERVE = 54
+_DIRPERM1_RESERVE = 9
+_XINO_OPTIONS = b",dio,xino=/dev/shm/aufs.xino"
+_DIRPERM1_OPTION = b",dirperm1"
+_BRANCH_SEPARATORS = frozenset(b":,=")
+_PATH_MAX = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _encode(value: PathArg, what: str) -> bytes:
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError(f"{what} contains a NUL byte: {value!r}")
+    return raw
+
+
+def _optional(value: PathArg | None, what: str) -> bytes | None:
+    return None if value is None else _encode(value, what)
+
+
+def _os_error(error: int | None, path: PathArg, detail: str = "") -> OSError:
+    error = error or errno.EIO
+    message = os.strerror(error)
+    if detail:
+        message = f"{message}: {detail}"
+    return OSError(error, message, os.fsdecode(path) if isinstance(path, bytes) else path)
+
+
+def _last_errno() -> int:
+    return ctypes.get_errno() or errno.EIO
+
+
+# ---- mount data -----------------------------------------------------------------------------
+
+
+def _check_branch(path: bytes, what: str) -> None:
+    bad = sorted({chr(byte) for byte in path if byte in _BRANCH_SEPARATORS})
+    if bad:
+        raise ValueError(
+            f"{what} {os.fsdecode(path)!r} holds {' '.join(map(repr, bad))}, which aufs reads "
+            "as option separators; move the store to a path without them"
+        )
+
+
+def _check_label(label: bytes) -> None:
+    for byte in label:
+        if byte in b'"\\' or byte < 0x20 or byte == 0x7F:
+            raise ValueError(
+                f"mount label {os.fsdecode(label)!r} holds {chr(byte)!r}, which cannot go "
+                'inside context="..."'
+            )
+
+
+def _with_label(data: bytes, label: bytes) -> bytes:
+    return data + b',context="' + label + b'"' if label else data
+
+
+def aufs_mount_data(
+    rw: PathArg,
+    layers: Iterable[PathArg],
+    mount_label: str | bytes = "",
+    *,
+    dirperm1: bool = False,
+    page_size: int | None = None,
+) -> list[str]:
+    """Docker's aufs mount data: the first mount(2) string, then one per MS_REMOUNT.
+
+    The first string is "br:<rw>=rw" followed by ":<layer>=ro+wh" for as many layers
+    (nearest parent first) as fit in the page minus what Docker reserves, then
+    ",dio,xino=/dev/shm/aufs.xino", ",dirperm1" and ',context="<label>"'. The layers left
+    over go in "append:<layer>=ro+wh," chunks of the same capacity, each followed by the label.
+    """
+    rw_bytes = _encode(rw, "rw branch")
+    ro = [_encode(layer, "layer branch") for layer in layers]
+    label = _encode(mount_label, "mount label")
+    page = os.sysconf("SC_PAGE_SIZE") if page_size is None else operator.index(page_size)
+    if page <= 0:
+        raise ValueError(f"page_size must be positive, not {page}")
+    _check_branch(rw_bytes, "rw branch")
+    for branch in ro:
+        _check_branch(branch, "layer branch")
+    _check_label(label)
+
+    capacity = page - len(label) - _MOUNT_DATA_RESERVE - (_DIRPERM1_RESERVE if dirperm1 else 0)
+    if capacity <= 0:
+        raise ValueError(
+            f"a mount label of {len(label)} bytes leaves no room in a {page}-byte page"
+        )
+    first = b"br:" + rw_bytes + b"=rw"
+    if len(first) > capacity:
+        raise ValueError(f"rw branch {os.fsdecode(rw_bytes)!r} does not fit in one mount page")
+
+    taken = 0
+    while taken < len(ro):
+        item = b":" + ro[taken] + b"=ro+wh"
+        if len(first) + len(item) > capacity:
+            break
+        first += item
+        taken += 1
+    first += _XINO_OPTIONS + (_DIRPERM1_OPTION if dirperm1 else b"")
+    result = [_with_label(first, label)]
+
+    while taken < len(ro):
+        chunk = b""
+        while taken < len(ro):
+            item = b"append:" + ro[taken] + b"=ro+wh,"
+            if len(chunk) + len(item) > capacity:
+                break
+            chunk += item
+            taken += 1
+        if not chunk:
+            raise ValueError(
+                f"layer branch {os.fsdecode(ro[taken])!r} does not fit in one mount page"
+            )
+        result.append(_with_label(chunk, label))
+    return [os.fsdecode(data) for data in result]
+
+
+# ---- syscalls -------------------------------------------------------------------------------
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                        ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+
+
+def mount(
+    source: PathArg | None,
+    target: PathArg,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = "",
+) -> None:
+    """mount(2). source, fstype and data may be None."""
+    arguments = (
+        _optional(source, "mount source"),
+        _encode(target, "mount target"),
+        _optional(fstype, "filesystem type"),
+        ctypes.c_ulong(flags),
+        _optional(data, "mount data"),
+    )
+    if _libc.mount(*arguments) != 0:
+        raise _os_error(_last_errno(), target)
+
+
+def unmount(target: PathArg, flags: int = 0) -> None:
+    """umount2(2) with the given MNT_* flags."""
+    if _libc.umount2(_encode(target, "unmount target"), flags) != 0:
+        raise _os_error(_last_errno(), target)
+
+
+# The new mount API has the same syscall numbers on every architecture.
+_SYS_MOVE_MOUNT, _SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 429, 430, 431, 432
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_FLAG, _FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 0, 1, 6
+_FSMOUNT_CLOEXEC = 0x1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def _syscall(number: int, *arguments: object) -> int:
+    result = int(_libc.syscall(ctypes.c_long(number), *arguments))
+    if result < 0:
+        raise OSError(_last_errno(), "")
+    return result
+
+
+def _kernel_message(context: int) -> str:
+    """The last error the kernel wrote into an fs context ("e <text>" lines)."""
+    message = ""
+    while True:
+        try:
+            line = os.read(context, 511)
+        except OSError:
+            return message
+        if not line:
+            return message
+        text = line.decode("utf-8", "replace")
+        if text.startswith("e ") or (not message and len(text) > 2):
+            message = text[2:]
+
+
+def fsmount(
+    fstype: str | bytes,
+    target: PathArg,
+    options: Sequence[tuple[str | bytes, str | bytes | None]] = (),
+    *,
+    source: PathArg | None = None,
+    attr_flags: int = 0,
+) -> None:
+    """Mount through fsopen/fsconfig/fsmount/move_mount.
+
+    options is a sequence of (key, value) pairs, applied in order; a value of None sets a flag.
+    A key may repeat (overlay's "lowerdir+"). Errors carry the kernel's own explanation.
+    """
+    fstype_bytes = _encode(fstype, "filesystem type")
+    target_bytes = _encode(target, "mount target")
+    source_bytes = _optional(source, "mount source")
+    steps = [
+        (_encode(key, "mount option"), _optional(value, "mount option value"))
+        for key, value in options
+    ]
+    try:
+        context = _syscall(_SYS_FSOPEN, fstype_bytes, ctypes.c_uint(_FSOPEN_CLOEXEC))
+    except OSError as error:
+        raise _os_error(error.errno, target) from None
+    mount_fd = -1
+    try:
+        if source_bytes is not None:
+            steps.insert(0, (b"source", source_bytes))
+        for key, value in steps:
+            command = _FSCONFIG_SET_FLAG if value is None else _FSCONFIG_SET_STRING
+            _syscall(_SYS_FSCONFIG, context, ctypes.c_uint(command), key, value, 0)
+        _syscall(_SYS_FSCONFIG, context, ctypes.c_uint(_FSCONFIG_CMD_CREATE), None, None, 0)
+        mount_fd = _syscall(_SYS_FSMOUNT, context, ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                            ctypes.c_uint(attr_flags))
+        _syscall(_SYS_MOVE_MOUNT, mount_fd, b"", -100, target_bytes,  # -100: AT_FDCWD
+                 ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH))
+    except OSError as error:
+        raise _os_error(error.errno, target, _kernel_message(context)) from None
+    finally:
+        if mount_fd >= 0:
+            os.close(mount_fd)
+        os.close(context)
+
+
+def fs_magic(path: PathArg) -> int:
+    """statfs(2) f_type of the filesystem holding path."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type comes first
+    if _libc.statfs(_encode(path, "path"), buffer) != 0:
+        raise _os_error(_last_errno(), path)
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+def mounted(magic: int, path: PathArg) -> bool:
+    """Docker's rule: True when path's filesystem has this f_type; a missing path is False."""
+    try:
+        return fs_magic(path) == magic & 0xFFFFFFFF
+    except FileNotFoundError:
+        return False
+
+
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_NO_AUTOMOUNT = 0x800
+_STATX_TYPE, _STATX_INO, _STATX_MNT_ID = 0x1, 0x100, 0x1000
+_STATX_ATTR_MOUNT_ROOT = 0x2000
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [
+        ("mask", ctypes.c_uint32), ("blksize", ctypes.c_uint32),
+        ("attributes", ctypes.c_uint64), ("nlink", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("mode", ctypes.c_uint16),
+        ("spare0", ctypes.c_uint16), ("ino", ctypes.c_uint64), ("size", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64), ("attributes_mask", ctypes.c_uint64),
+        ("times", ctypes.c_uint8 * 64), ("rdev_major", ctypes.c_uint32),
+        ("rdev_minor", ctypes.c_uint32), ("dev_major", ctypes.c_uint32),
+        ("dev_minor", ctypes.c_uint32), ("mnt_id", ctypes.c_uint64),
+        ("spare", ctypes.c_uint8 * 104),
+    ]
+
+
+def _statx(path: bytes, flags: int) -> _Statx:
+    info = _Statx()
+    mask = _STATX_TYPE | _STATX_INO | _STATX_MNT_ID
+    if _libc.statx(_AT_FDCWD, path, flags, mask, ctypes.byref(info)) != 0:
+        raise OSError(_last_errno(), "")
+    return info
+
+
+def is_mountpoint(path: PathArg) -> bool:
+    """True when path is the root of a mount (statx STATX_ATTR_MOUNT_ROOT)."""
+    raw = _encode(path, "path")
+    try:
+        info = _statx(raw, _AT_SYMLINK_NOFOLLOW | _AT_NO_AUTOMOUNT)
+        if int(info.attributes_mask) & _STATX_ATTR_MOUNT_ROOT:
+            return bool(int(info.attributes) & _STATX_ATTR_MOUNT_ROOT)
+        if stat.S_ISLNK(info.mode):
+            return False
+        # Before Linux 5.8: compare with the parent directory.
+        above = _statx(raw + b"/..", _AT_NO_AUTOMOUNT)
+    except OSError as error:
+        raise _os_error(error.errno, path) from None
+    if int(info.mask) & int(above.mask) & _STATX_MNT_ID:
+        return bool(info.mnt_id != above.mnt_id)
+    if (info.dev_major, info.dev_minor) != (above.dev_major, above.dev_minor):
+        return True
+    return bool(info.ino == above.ino)
+
+
+# ---- the directory-size walker --------------------------------------------------------------
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_relative(root_fd: int, relative: bytes) -> int:
+    if not relative:
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    if len(relative) < _PATH_MAX:
+        return os.open(relative, _DIRECTORY_FLAGS, dir_fd=root_fd)
+    fd = os.dup(root_fd)  # longer than PATH_MAX: one component at a time
+    try:
+        for component in relative.split(b"/"):
+            next_fd = os.open(component, _DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def directory_size(path: PathArg, *, threads: int = 0) -> int:
+    """Apparent bytes under path, following Docker's directory.Size.
+
+    Directories and empty files count nothing; symlinks are not followed and count their own
+    size; each (st_dev, st_ino) with more than one link counts once; entries that vanish
+    during the walk are skipped; a missing root raises FileNotFoundError. `threads` is
+    accepted for parity with the native walker and ignored: this walk is single-threaded.
+    """
+    root = _encode(path, "path")
+    try:
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode):
+            return max(info.st_size, 0)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise _os_error(error.errno, root) from None
+
+    total = 0
+    linked: set[tuple[int, int]] = set()
+    pending = [b""]
+    try:
+        while pending:
+            relative = pending.pop()
+            try:
+                fd = _open_relative(root_fd, relative)
+            except OSError as error:
+                if relative and error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue  # gone, or replaced since its parent was read
+                failed = os.path.join(root, relative) if relative else root
+                raise _os_error(error.errno, failed) from None
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        name = os.fsencode(entry.name)
+                        child = relative + b"/" + name if relative else name
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append(child)
+                                continue
+                            entry_info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        except OSError as error:
+                            raise _os_error(error.errno, os.path.join(root, child)) from None
+                        size = entry_info.st_size
+                        if size <= 0:
+                            continue
+                        if entry_info.st_nlink > 1:
+                            key = (entry_info.st_dev, entry_info.st_ino)
+                            if key in linked:
+                                continue
+                            linked.add(key)
+                        total += size
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+    return total

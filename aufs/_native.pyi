@@ -1,0 +1,36 @@
+"""Type stub of the native extension; it mirrors aufs/_fallback.py."""
+
+from collections.abc import Iterable, Sequence
+
+from aufs._fallback import PathArg
+
+IMPLEMENTATION: str
+
+def aufs_mount_data(
+    rw: PathArg,
+    layers: Iterable[PathArg],
+    mount_label: str | bytes = "",
+    *,
+    dirperm1: bool = False,
+    page_size: int | None = None,
+) -> list[str]: ...
+def mount(
+    source: PathArg | None,
+    target: PathArg,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = "",
+) -> None: ...
+def unmount(target: PathArg, flags: int = 0) -> None: ...
+def fsmount(
+    fstype: str | bytes,
+    target: PathArg,
+    options: Sequence[tuple[str | bytes, str | bytes | None]] = (),
+    *,
+    source: PathArg | None = None,
+    attr_flags: int = 0,
+) -> None: ...
+def fs_magic(path: PathArg) -> int: ...
+def mounted(magic: int, path: PathArg) -> bool: ...
+def is_mountpoint(path: PathArg) -> bool: ...
+def directory_size(path: PathArg, *, threads: int = 0) -> int: ...

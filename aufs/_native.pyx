@@ -1,0 +1,259 @@
+# cython: language_level=3, embedsignature=True, binding=True
+"""The native core's Python face: converts arguments, runs csrc/ without the GIL, and turns a
+negative errno into OSError. It is the only module that touches both Python objects and C.
+
+aufs/_fallback.py is its pure-Python twin and the readable spec of each function.
+"""
+
+import os
+import operator
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.errno cimport ENOENT
+from libc.stdint cimport uint32_t, uint64_t
+
+cimport aufs._core as core
+
+IMPLEMENTATION = "native"
+
+cdef enum:
+    ERROR_PATH_SIZE = 8192
+    KERNEL_MESSAGE_SIZE = 512
+
+
+# ---- the C API declared in aufs/_native.pxd ------------------------------------------------
+
+cdef int walk_directory_size(const char *path, unsigned int threads,
+                             uint64_t *size) noexcept nogil:
+    return core.aufs_directory_size(path, threads, size, NULL, 0)
+
+
+cdef int read_fs_magic(const char *path, uint32_t *magic) noexcept nogil:
+    return core.aufs_fs_magic(path, magic)
+
+
+cdef int check_mountpoint(const char *path) noexcept nogil:
+    return core.aufs_is_mountpoint(path)
+
+
+cdef ssize_t build_first_mount_data(char *out, size_t out_size, const char *rw,
+                                    const char *const *ro, size_t ro_count, const char *label,
+                                    bint dirperm1, size_t page_size,
+                                    size_t *consumed) noexcept nogil:
+    return core.aufs_first_mount_data(out, out_size, rw, ro, ro_count, label, dirperm1,
+                                      page_size, consumed)
+
+
+cdef ssize_t build_remount_data(char *out, size_t out_size, const char *const *ro,
+                                size_t ro_count, const char *label, bint dirperm1,
+                                size_t page_size, size_t *consumed) noexcept nogil:
+    return core.aufs_remount_data(out, out_size, ro, ro_count, label, dirperm1, page_size,
+                                  consumed)
+
+
+cdef int mount_filesystem(const char *source, const char *target, const char *fstype,
+                          unsigned long flags, const char *data) noexcept nogil:
+    return core.aufs_mount(source, target, fstype, flags, data)
+
+
+cdef int unmount_filesystem(const char *target, int flags) noexcept nogil:
+    return core.aufs_unmount(target, flags)
+
+
+# ---- argument conversion --------------------------------------------------------------------
+
+cdef bytes _encode(object value, str what):
+    cdef bytes raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError(f"{what} contains a NUL byte: {value!r}")
+    return raw
+
+
+cdef const char *_optional(bytes value):
+    return NULL if value is None else <const char *>value
+
+
+cdef object _os_error(int error, object path, str detail=""):
+    message = os.strerror(error)
+    if detail:
+        message = f"{message}: {detail}"
+    return OSError(error, message, os.fsdecode(path) if isinstance(path, bytes) else path)
+
+
+# ---- mount data -----------------------------------------------------------------------------
+
+def aufs_mount_data(rw, layers, mount_label="", *, dirperm1=False, page_size=None):
+    """Docker's aufs mount data: the first mount(2) string, then one per MS_REMOUNT."""
+    cdef bytes rw_bytes = _encode(rw, "rw branch")
+    cdef list ro = [_encode(layer, "layer branch") for layer in layers]
+    cdef bytes label = _encode(mount_label, "mount label")
+    cdef bint with_dirperm1 = bool(dirperm1)
+    cdef Py_ssize_t page = os.sysconf("SC_PAGE_SIZE") if page_size is None else operator.index(page_size)
+    cdef size_t count = len(ro)
+    cdef size_t start = 0
+    cdef size_t consumed = 0
+    cdef ssize_t length
+    cdef const char **branches
+    cdef const char *rw_c = rw_bytes
+    cdef const char *label_c = label
+    cdef char *out
+    cdef list result = []
+
+    if page <= 0:
+        raise ValueError(f"page_size must be positive, not {page}")
+    branches = <const char **>PyMem_Malloc((count + 1) * sizeof(char *))
+    out = <char *>PyMem_Malloc(page)
+    if branches == NULL or out == NULL:
+        PyMem_Free(branches)
+        PyMem_Free(out)
+        raise MemoryError()
+    try:
+        for i in range(count):
+            branches[i] = <bytes>ro[i]
+        with nogil:
+            length = core.aufs_first_mount_data(out, page, rw_c, branches, count, label_c,
+                                                with_dirperm1, page, &consumed)
+        while length >= 0:
+            result.append(os.fsdecode(out[:length]))
+            start += consumed
+            if start >= count:
+                return result
+            with nogil:
+                length = core.aufs_remount_data(out, page, branches + start, count - start,
+                                                label_c, with_dirperm1, page, &consumed)
+        # The fallback is the spec: let it say exactly what is wrong with the input.
+        from aufs import _fallback
+        _fallback.aufs_mount_data(rw, ro, mount_label, dirperm1=dirperm1, page_size=page)
+        raise _os_error(-length, rw)
+    finally:
+        PyMem_Free(branches)
+        PyMem_Free(out)
+
+
+# ---- syscalls -------------------------------------------------------------------------------
+
+def mount(source, target, fstype, flags=0, data=""):
+    """mount(2). source, fstype and data may be None."""
+    cdef bytes source_bytes = None if source is None else _encode(source, "mount source")
+    cdef bytes target_bytes = _encode(target, "mount target")
+    cdef bytes fstype_bytes = None if fstype is None else _encode(fstype, "filesystem type")
+    cdef bytes data_bytes = None if data is None else _encode(data, "mount data")
+    cdef const char *source_c = _optional(source_bytes)
+    cdef const char *target_c = target_bytes
+    cdef const char *fstype_c = _optional(fstype_bytes)
+    cdef const char *data_c = _optional(data_bytes)
+    cdef unsigned long mount_flags = flags
+    cdef int rc
+    with nogil:
+        rc = core.aufs_mount(source_c, target_c, fstype_c, mount_flags, data_c)
+    if rc < 0:
+        raise _os_error(-rc, target)
+
+
+def unmount(target, flags=0):
+    """umount2(2) with the given MNT_* flags."""
+    cdef bytes target_bytes = _encode(target, "unmount target")
+    cdef const char *target_c = target_bytes
+    cdef int unmount_flags = flags
+    cdef int rc
+    with nogil:
+        rc = core.aufs_unmount(target_c, unmount_flags)
+    if rc < 0:
+        raise _os_error(-rc, target)
+
+
+def fsmount(fstype, target, options=(), *, source=None, attr_flags=0):
+    """Mount through fsopen/fsconfig/fsmount/move_mount.
+
+    options is a sequence of (key, value) pairs, applied in order; a value of None sets a flag.
+    A key may repeat (overlay's "lowerdir+"). Errors carry the kernel's own explanation.
+    """
+    cdef bytes fstype_bytes = _encode(fstype, "filesystem type")
+    cdef bytes target_bytes = _encode(target, "mount target")
+    cdef bytes source_bytes = None if source is None else _encode(source, "mount source")
+    cdef list keys = []
+    cdef list values = []
+    cdef size_t count
+    cdef unsigned int flags = attr_flags
+    cdef core.aufs_fs_param *params
+    cdef char message[KERNEL_MESSAGE_SIZE]
+    cdef const char *fstype_c = fstype_bytes
+    cdef const char *target_c = target_bytes
+    cdef const char *source_c = _optional(source_bytes)
+    cdef int rc
+
+    for key, value in options:
+        keys.append(_encode(key, "mount option"))
+        values.append(None if value is None else _encode(value, "mount option value"))
+    count = len(keys)
+    params = <core.aufs_fs_param *>PyMem_Malloc((count + 1) * sizeof(core.aufs_fs_param))
+    if params == NULL:
+        raise MemoryError()
+    try:
+        for i in range(count):
+            params[i].key = <bytes>keys[i]
+            params[i].value = _optional(values[i])
+        with nogil:
+            rc = core.aufs_fsmount(fstype_c, source_c, params, count, flags, target_c, message,
+                                   KERNEL_MESSAGE_SIZE)
+    finally:
+        PyMem_Free(params)
+    if rc < 0:
+        raise _os_error(-rc, target, message.decode("utf-8", "replace"))
+
+
+def fs_magic(path):
+    """statfs(2) f_type of the filesystem holding path."""
+    cdef bytes path_bytes = _encode(path, "path")
+    cdef const char *path_c = path_bytes
+    cdef uint32_t magic = 0
+    cdef int rc
+    with nogil:
+        rc = core.aufs_fs_magic(path_c, &magic)
+    if rc < 0:
+        raise _os_error(-rc, path)
+    return magic
+
+
+def mounted(magic, path):
+    """Docker's rule: True when path's filesystem has this f_type; a missing path is False."""
+    cdef bytes path_bytes = _encode(path, "path")
+    cdef const char *path_c = path_bytes
+    cdef uint32_t found = 0
+    cdef uint32_t wanted = magic
+    cdef int rc
+    with nogil:
+        rc = core.aufs_fs_magic(path_c, &found)
+    if rc == -ENOENT:
+        return False
+    if rc < 0:
+        raise _os_error(-rc, path)
+    return found == wanted
+
+
+def is_mountpoint(path):
+    """True when path is the root of a mount (statx STATX_ATTR_MOUNT_ROOT)."""
+    cdef bytes path_bytes = _encode(path, "path")
+    cdef const char *path_c = path_bytes
+    cdef int rc
+    with nogil:
+        rc = core.aufs_is_mountpoint(path_c)
+    if rc < 0:
+        raise _os_error(-rc, path)
+    return rc == 1
+
+
+def directory_size(path, *, threads=0):
+    """Apparent bytes under path, Docker's directory.Size rules, walked on all cores."""
+    cdef bytes path_bytes = _encode(path, "path")
+    cdef const char *path_c = path_bytes
+    cdef unsigned int worker_count = threads
+    cdef uint64_t size = 0
+    cdef char error_path[ERROR_PATH_SIZE]
+    cdef int rc
+    with nogil:
+        rc = core.aufs_directory_size(path_c, worker_count, &size, error_path,
+                                      ERROR_PATH_SIZE)
+    if rc < 0:
+        raise _os_error(-rc, os.fsdecode(<bytes>error_path) if error_path[0] else path)
+    return size

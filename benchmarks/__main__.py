@@ -1,0 +1,34 @@
+"""Runs the benchmarks and prints each result as a ratio to a peer from the same run.
+
+    python -m benchmarks                  # all
+    python -m benchmarks dirsize [FILES]  # directory_size vs du -sb (default 200,000 files)
+    python -m benchmarks mountdata        # mount-data builder, native vs fallback
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import aufs
+
+SUITES = ["dirsize", "mountdata"]
+
+
+def main() -> None:
+    arguments = sys.argv[1:]
+    if arguments and arguments[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    if aufs.IMPLEMENTATION != "native":
+        raise SystemExit("the native extension is not built: run `python -m pip install -e .`")
+    chosen = [arguments[0]] if arguments else SUITES
+    for name in chosen:
+        if name not in SUITES:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {', '.join(SUITES)}")
+        module = importlib.import_module(f"benchmarks.{name}")
+        module.main(arguments[1:] if arguments else [])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+/*
+ * The plain-C core of aufs: no Python.h, no printing, no aborting.
+ *
+ * Every function returns 0 (or a non-negative count) on success and -errno on failure, so it
+ * can be called from C, from Cython under `nogil`, and unit-tested on its own.
+ */
+#ifndef AUFS_CORE_H
+#define AUFS_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- mountdata.c: Docker's aufs mount-option builder -------------------------------------- */
+
+/* Docker reserves this many bytes of each page for the options appended after the branches. */
+#define AUFS_MOUNT_DATA_RESERVE 54
+#define AUFS_DIRPERM1_RESERVE 9
+
+/*
+ * Writes the data string of the first mount(2): "br:<rw>=rw:<ro0>=ro+wh:...", clipped to the
+ * page exactly as Docker clips it, then ",dio,xino=/dev/shm/aufs.xino", ",dirperm1" when asked,
+ * and `,context="<label>"` when the label is not empty.
+ *
+ * `out` must hold at least `page_size` bytes; the result is NUL-terminated. On success returns
+ * the string's length and stores in `*consumed` how many of `ro` it carries.
+ * -EINVAL: a path holds ':', ',' or '=', the label holds '"', '\\' or a control character, or
+ *          the label leaves no room in the page.
+ * -ENAMETOOLONG: the rw branch alone does not fit in the page.
+ */
+ssize_t aufs_first_mount_data(char *out, size_t out_size, const char *rw,
+                              const char *const *ro, size_t ro_count, const char *label,
+                              int dirperm1, size_t page_size, size_t *consumed);
+
+/*
+ * Writes the data of one MS_REMOUNT: "append:<ro>=ro+wh," for as many of `ro` as fit, then the
+ * label. Same contract as above; -ENAMETOOLONG when even one branch does not fit in a page
+ * (Docker looped forever there).
+ */
+ssize_t aufs_remount_data(char *out, size_t out_size, const char *const *ro, size_t ro_count,
+                          const char *label, int dirperm1, size_t page_size, size_t *consumed);
+
+/* ---- syscalls.c: mount, unmount, statfs and the mount-root test ---------------------------- */
+
+int aufs_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+               const char *data);
+int aufs_unmount(const char *target, int flags);
+int aufs_fs_magic(const char *path, uint32_t *magic);
+/* 1 when `path` is the root of a mount, 0 when it is not, -errno on error. Never follows a
+ * final symlink. */
+int aufs_is_mountpoint(const char *path);
+
+/* One fsconfig(2) step of a mount built with the new mount API. A NULL value sets a flag. */
+struct aufs_fs_param {
+    const char *key;
+    const char *value;
+};
+
+/*
+ * Mounts `fstype` on `target` through fsopen/fsconfig/fsmount/move_mount. `attr_flags` are
+ * MOUNT_ATTR_* flags. On failure, the kernel's own explanation (read from the fs context) is
+ * copied into `message` when there is one. -ENOSYS when the kernel lacks the new mount API.
+ */
+int aufs_fsmount(const char *fstype, const char *source, const struct aufs_fs_param *params,
+                 size_t param_count, unsigned int attr_flags, const char *target, char *message,
+                 size_t message_size);
+
+/* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
+
+/*
+ * Apparent size of everything under `root`, following Docker's directory.Size: directories and
+ * empty files count nothing, symlinks are not followed and count their own size, each
+ * (st_dev, st_ino) counts once, and entries that vanish during the walk are skipped.
+ * `threads` workers share the walk (0: one per online CPU, at most 8).
+ * On failure, the path that failed is copied into `error_path` when it is not NULL.
+ */
+int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
+                        char *error_path, size_t error_path_size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AUFS_CORE_H */

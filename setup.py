@@ -1,0 +1,23 @@
+"""Builds the native extension aufs._native from aufs/_native.pyx and the plain C in csrc/.
+
+AUFS_NO_EXTENSIONS=1 skips it; the package then runs on its pure-Python fallback.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+extensions = []
+if os.environ.get("AUFS_NO_EXTENSIONS", "") in ("", "0"):
+    from Cython.Build import cythonize
+
+    native = Extension(
+        "aufs._native",
+        sources=["aufs/_native.pyx", "csrc/dirsize.c", "csrc/mountdata.c", "csrc/syscalls.c"],
+        include_dirs=["csrc"],
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        extra_link_args=["-pthread"],
+    )
+    extensions = cythonize([native], compiler_directives={"language_level": "3"})
+
+setup(ext_modules=extensions)

@@ -1,0 +1,148 @@
+"""mount, unmount, statfs magic and the mount-root test, against real tmpfs and overlay mounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import aufs
+from aufs import FsMagic
+from conftest import kernel_has_filesystem, requires_root
+
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+
+pytestmark = requires_root
+
+
+def test_fs_magic_table_is_dockers() -> None:
+    assert len(FsMagic) == 21
+    assert FsMagic.AUFS == 0x61756673
+    assert FsMagic.BTRFS == 0x9123683E
+    assert FsMagic.OVERLAY == 0x794C7630
+    assert aufs.backing_fs_name(FsMagic.EXTFS) == "extfs"
+    assert aufs.backing_fs_name(FsMagic.OVERLAY) == "overlayfs"
+    assert aufs.backing_fs_name(0x1234) == "<unknown>"
+
+
+def test_tmpfs_mount_magic_and_mountpoint(impl: ModuleType, tmp_path: Path) -> None:
+    target = tmp_path / "mnt"
+    target.mkdir()
+    assert not impl.is_mountpoint(target)
+    impl.mount("tmpfs", target, "tmpfs", 0, "size=1m")
+    try:
+        (target / "inside").mkdir()
+        assert impl.fs_magic(target) == FsMagic.TMPFS
+        assert impl.is_mountpoint(target)
+        # Docker's rule looks at f_type only, so a folder inside the mount also "is mounted";
+        # is_mountpoint is the real test.
+        assert impl.mounted(FsMagic.TMPFS, target / "inside")
+        assert not impl.is_mountpoint(target / "inside")
+        assert not impl.mounted(FsMagic.AUFS, target)
+    finally:
+        impl.unmount(target)
+    assert not impl.is_mountpoint(target)
+    assert impl.fs_magic(target) == aufs.fs_magic(tmp_path)
+
+
+def test_bind_mount_on_same_filesystem_is_a_mountpoint(impl: ModuleType, tmp_path: Path) -> None:
+    # st_dev is the same on both sides of a bind mount; only the mount-root test sees it.
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.mkdir()
+    target.mkdir()
+    impl.mount(source, target, None, MS_BIND, None)
+    try:
+        assert os.stat(target).st_dev == os.stat(tmp_path).st_dev
+        assert impl.is_mountpoint(target)
+    finally:
+        impl.unmount(target, MNT_DETACH)
+
+
+def test_symlink_to_mountpoint_is_not_one(impl: ModuleType, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to("/proc")
+    assert impl.is_mountpoint("/proc")
+    assert not impl.is_mountpoint(link)
+
+
+def test_errors_carry_errno_and_path(impl: ModuleType, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as caught:
+        impl.mount("tmpfs", missing, "tmpfs", 0, "")
+    assert caught.value.filename == missing
+    with pytest.raises(OSError) as not_mounted:
+        impl.unmount(tmp_path)
+    assert not_mounted.value.errno == errno.EINVAL
+    assert not_mounted.value.filename == tmp_path
+    with pytest.raises(FileNotFoundError):
+        impl.fs_magic(missing)
+    with pytest.raises(FileNotFoundError):
+        impl.is_mountpoint(missing)
+    assert impl.mounted(FsMagic.TMPFS, missing) is False
+    with pytest.raises(OSError) as unknown:
+        impl.mount("none", tmp_path, "no-such-fs", 0, "")
+    assert unknown.value.errno == errno.ENODEV
+    with pytest.raises(ValueError):
+        impl.fs_magic("/tm\0p")
+
+
+@pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
+def test_classic_overlay_mount(impl: ModuleType, tmp_path: Path) -> None:
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for directory in (lower, upper, work, merged):
+        directory.mkdir()
+    (lower / "from-lower").write_text("lower")
+    impl.mount("overlay", merged, "overlay", 0,
+               f"lowerdir={lower},upperdir={upper},workdir={work}")
+    try:
+        assert impl.fs_magic(merged) == FsMagic.OVERLAY
+        assert impl.is_mountpoint(merged)
+        (merged / "new").write_text("upper")
+        assert (merged / "from-lower").read_text() == "lower"
+    finally:
+        impl.unmount(merged)
+    assert (upper / "new").read_text() == "upper"
+
+
+@pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
+def test_fsmount_overlay_with_lowerdir_plus(impl: ModuleType, tmp_path: Path) -> None:
+    # "lowerdir+" (Linux 6.7) adds one layer per fsconfig call, so no page limit applies.
+    lowers = []
+    for index in range(3):
+        lower = tmp_path / f"lower{index}"
+        lower.mkdir()
+        (lower / f"file{index}").write_text(str(index))
+        (lower / "shadowed").write_text(str(index))
+        lowers.append(lower)
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for directory in (upper, work, merged):
+        directory.mkdir()
+    options = [("lowerdir+", str(lower)) for lower in lowers]
+    options += [("upperdir", str(upper)), ("workdir", str(work))]
+    try:
+        impl.fsmount("overlay", merged, options, source="aufs-test")
+    except OSError as error:
+        if error.errno == errno.ENOSYS:
+            pytest.skip("kernel lacks the new mount API")
+        if "lowerdir+" in str(error):
+            pytest.skip(f"kernel overlayfs predates lowerdir+ (Linux 6.7): {error}")
+        raise
+    try:
+        assert impl.is_mountpoint(merged)
+        assert sorted(os.listdir(merged)) == ["file0", "file1", "file2", "shadowed"]
+        assert (merged / "shadowed").read_text() == "0"  # the first lowerdir+ is on top
+    finally:
+        impl.unmount(merged)
+
+
+@pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
+def test_fsmount_error_carries_kernel_message(impl: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(OSError) as caught:
+        impl.fsmount("overlay", tmp_path, [("no-such-option", "x")])
+    assert caught.value.errno == errno.EINVAL
+    assert "no-such-option" in str(caught.value)
+    assert caught.value.filename == tmp_path
