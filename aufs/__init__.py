@@ -19,6 +19,14 @@ from aufs._implementation import (
     mounted,
     unmount,
 )
+from aufs.backends import (
+    AufsBackend,
+    Backend,
+    FuseOverlayfsBackend,
+    MountRequest,
+    OverlayBackend,
+)
+from aufs.driver import CreateOpts, Driver, LayerInUseError, UnbalancedPutError
 from aufs.errors import (
     AufsError,
     DiffError,
@@ -31,6 +39,8 @@ from aufs.errors import (
     UnmountBusyError,
 )
 from aufs.fsmagic import FS_NAMES, FsMagic, backing_fs_name
+from aufs.mounters import MountCall, RecordingMounter, SyscallMounter
+from aufs.retry import RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -43,15 +53,28 @@ def get_include() -> list[str]:
 __all__ = [
     "FS_NAMES",
     "IMPLEMENTATION",
+    "AufsBackend",
     "AufsError",
+    "Backend",
+    "CreateOpts",
     "DiffError",
+    "Driver",
     "FsMagic",
+    "FuseOverlayfsBackend",
     "IncompatibleFSError",
     "InvalidLayerIDError",
     "LayerExistsError",
+    "LayerInUseError",
     "LayerNotFoundError",
+    "MountCall",
     "MountError",
+    "MountRequest",
     "NotSupportedError",
+    "OverlayBackend",
+    "RecordingMounter",
+    "RetryPolicy",
+    "SyscallMounter",
+    "UnbalancedPutError",
     "UnmountBusyError",
     "aufs_mount_data",
     "backing_fs_name",

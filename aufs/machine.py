@@ -86,3 +86,15 @@ def describe() -> list[MachineReport]:
         MachineReport("fuse device", has_fuse_device(), "/dev/fuse"),
         MachineReport("fuse-overlayfs", binary is not None, binary or "not on PATH"),
     ]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The kernel facts a backend checks; tests inject their own."""
+
+    filesystems: frozenset[str]
+    user_namespace: bool
+
+    @classmethod
+    def current(cls) -> Kernel:
+        return cls(kernel_filesystems(), in_user_namespace())

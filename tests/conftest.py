@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 import aufs
 from aufs import _fallback
+from aufs.machine import Kernel
 
 IS_ROOT = os.geteuid() == 0
 
@@ -81,3 +84,71 @@ def session_scratch() -> Iterator[Path]:
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# ---- the driver harness: one suite, every backend that works here ----------------------------
+
+BACKEND_NAMES = ["overlay", "fuse-overlayfs", "aufs-recorded"]
+
+
+class Harness:
+    """Builds drivers for one backend. `real_union` says whether reads see a union mount."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.real_union = name != "aufs-recorded"
+        self.recorder = aufs.RecordingMounter() if not self.real_union else None
+
+    def backend(self) -> str | aufs.Backend:
+        if self.recorder is not None:
+            return aufs.AufsBackend(
+                self.recorder, kernel=Kernel(frozenset({"aufs"}), False), dirperm1=False,
+                auplink=None,
+            )
+        return self.name
+
+    def driver(self, root: Path | str, **kwargs: Any) -> aufs.Driver:
+        return aufs.Driver(root, backend=self.backend(), **kwargs)
+
+    def is_mounted(self, path: str) -> bool:
+        if self.recorder is not None:
+            return self.recorder.is_mounted(path)
+        return os.path.exists(path) and aufs.is_mountpoint(path)
+
+    def require_union(self) -> None:
+        if not self.real_union:
+            pytest.skip("aufs is recorded, not mounted, on this kernel: this test reads the union")
+
+
+def backend_unavailable(name: str) -> str | None:
+    """Why a backend cannot run its tests here, or None."""
+    if name == "aufs-recorded":
+        return None
+    if not IS_ROOT:
+        return f"{name} tests mount filesystems: they need root"
+    if name == "overlay" and not kernel_has_filesystem("overlay"):
+        return "the kernel has no overlayfs"
+    if name == "fuse-overlayfs":
+        if shutil.which("fuse-overlayfs") is None:
+            return "fuse-overlayfs is not installed (apt-get install fuse-overlayfs)"
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse is missing"
+    return None
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def harness(request: pytest.FixtureRequest) -> Harness:
+    reason = backend_unavailable(request.param)
+    if reason:
+        pytest.skip(reason)
+    return Harness(request.param)
+
+
+@pytest.fixture
+def driver(harness: Harness, scratch: Path) -> Iterator[aufs.Driver]:
+    """A driver on a fresh root; cleaned up (all mounts released) afterwards."""
+    instance = harness.driver(scratch / "aufs")
+    try:
+        yield instance
+    finally:
+        instance.cleanup()

@@ -1,0 +1,95 @@
+"""The kernel overlayfs backend, for stores that keep overlay-format whiteouts."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from aufs import machine
+from aufs.backends.base import Backend, MountRequest
+from aufs.errors import MountError, NotSupportedError
+from aufs.fsmagic import FsMagic
+from aufs.machine import Kernel
+from aufs.mounters import Mounter
+
+log = logging.getLogger(__name__)
+
+# Keep the upper dir a plain layer diff: no redirect xattrs for renamed dirs (a rename copies
+# the tree up instead), no metadata-only copy-ups, no index of hardlinked lower files.
+DIFF_SAFE_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("redirect_dir", "off"),
+    ("index", "off"),
+    ("metacopy", "off"),
+)
+
+
+class OverlayBackend(Backend):
+    """Mounts with the new mount API, one `lowerdir+` per layer (Linux 6.7+), so the stack is
+    not limited by one page of options. Older kernels get classic `lowerdir=a:b` data."""
+
+    name = "overlay"
+    whiteout_format = "overlay"
+    needs_work_dir = True
+    incompatible_filesystems = frozenset(
+        {FsMagic.AUFS, FsMagic.OVERLAY, FsMagic.ECRYPTFS, FsMagic.NFS, FsMagic.FUSE}
+    )
+
+    def __init__(self, mounter: Mounter | None = None, *, kernel: Kernel | None = None,
+                 lowerdir_append: bool | None = None) -> None:
+        super().__init__(mounter)
+        self._kernel = kernel
+        self._lowerdir_append = (machine.has_overlay_lowerdir_append()
+                                 if lowerdir_append is None else lowerdir_append)
+
+    def check_machine(self) -> None:
+        kernel = self._kernel or Kernel.current()
+        if "overlay" not in kernel.filesystems:
+            raise NotSupportedError("overlay was not found in /proc/filesystems")
+        if os.geteuid() != 0 or kernel.user_namespace:
+            raise NotSupportedError(
+                "kernel overlayfs whiteouts need root in the initial user namespace; "
+                "use backend='fuse-overlayfs' to run rootless"
+            )
+
+    def mount(self, request: MountRequest) -> None:
+        assert request.work is not None, "overlay needs a work dir"
+        tail: list[tuple[str, str | None]] = [("upperdir", request.upper),
+                                              ("workdir", request.work), *DIFF_SAFE_OPTIONS]
+        if request.label:
+            tail.append(("context", request.label))
+        if self._lowerdir_append:
+            options = [("lowerdir+", lower) for lower in request.lowers] + tail
+            try:
+                self.mounter.fsmount("overlay", request.target, options, "aufs")
+                return
+            except OSError as error:
+                if error.errno == errno.ENOSYS or "lowerdir+" in str(error):
+                    log.warning("overlay: no lowerdir+ on this kernel (%s); using lowerdir=",
+                                error)
+                    self._lowerdir_append = False
+                else:
+                    raise MountError(
+                        f"error creating overlay mount to {request.target}: {error.strerror}",
+                        errno=error.errno or 0, target=request.target,
+                        data=",".join(f"{k}={v}" for k, v in options),
+                    ) from error
+        self._mount_classic(request, tail)
+
+    def _mount_classic(self, request: MountRequest, tail: list[tuple[str, str | None]]) -> None:
+        pieces = [f"lowerdir={':'.join(request.lowers)}"]
+        pieces += [key if value is None else f"{key}={value}" for key, value in tail]
+        data = ",".join(pieces)
+        if len(data.encode()) >= os.sysconf("SC_PAGE_SIZE"):
+            raise MountError(
+                f"{len(request.lowers)} layers do not fit in one page of overlay mount options "
+                "on this kernel; Linux 6.7+ mounts any depth with lowerdir+",
+                errno=errno.E2BIG, target=request.target, data=data,
+            )
+        try:
+            self.mounter.mount("aufs", request.target, "overlay", 0, data)
+        except OSError as error:
+            raise MountError(
+                f"error creating overlay mount to {request.target}: {error.strerror}",
+                errno=error.errno or 0, target=request.target, data=data,
+            ) from error

@@ -1,0 +1,342 @@
+"""aufs.Driver: Docker's AUFS layer store, with the lifecycle of its graphdriver.
+
+Policy lives here: ids, reference counts, locks, the unmount retries and the order of every
+change on disk. The layout is in store.py, the union mounts in backends/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aufs import _implementation as native
+from aufs.backends import Backend, MountRequest, resolve_backend
+from aufs.errors import (
+    AufsError,
+    LayerExistsError,
+    LayerNotFoundError,
+    UnmountBusyError,
+)
+from aufs.fsmagic import backing_fs_name
+from aufs.idmap import IdentityMapping, IDMap
+from aufs.ids import validate_layer_id
+from aufs.locking import LayerReferences, NamedLocks, RootLock
+from aufs.mounters import MNT_DETACH, Mounter
+from aufs.retry import RetryPolicy, unmount_with_retries
+from aufs.store import Store
+
+log = logging.getLogger(__name__)
+
+IDTriples = Iterable[Sequence[int]]
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Docker's CreateOpts. storage_opt is refused, as Docker's aufs driver refused it."""
+
+    mount_label: str = ""
+    storage_opt: Mapping[str, str] = field(default_factory=dict)
+
+
+class UnbalancedPutError(AufsError):
+    """put() of a layer this process holds no reference to, and that is not mounted."""
+
+
+class LayerInUseError(AufsError):
+    """The layer is the parent of other layers, or is held by another process."""
+
+
+class Driver:
+    """A store of layers at `root`, union-mounted through `backend`.
+
+    backend is "auto", "aufs", "overlay", "fuse-overlayfs" or a Backend instance (for example
+    an AufsBackend over a RecordingMounter). Use it as a context manager to clean up mounts.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        options: Sequence[str] = (),
+        uid_maps: IDTriples | None = None,
+        gid_maps: IDTriples | None = None,
+        backend: str | Backend = "auto",
+        *,
+        retry_policy: RetryPolicy | None = None,
+        mounter: Mounter | None = None,
+    ) -> None:
+        if options:
+            raise ValueError(f"unknown driver options {list(options)!r}: this driver takes none")
+        self.root = os.path.abspath(os.fspath(root))
+        bad = sorted(set(self.root) & set(":,="))
+        if bad:
+            raise ValueError(
+                f"store root {self.root!r} holds {', '.join(map(repr, bad))}, which union mount "
+                "options cannot carry; choose a path without them"
+            )
+        self.id_mapping = IdentityMapping(IDMap.from_triples(uid_maps),
+                                          IDMap.from_triples(gid_maps))
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._store = Store(self.root)
+
+        store_format = None if self._store.is_new() else (self._store.read_format() or "aufs")
+        self._backend, magic = resolve_backend(backend, self.root, store_format, mounter)
+        self.backing_fs = backing_fs_name(magic)
+
+        root_uid, root_gid = self.id_mapping.root_pair
+        self._store.ensure_layout((os.getuid(), root_gid))
+        self._layer_owner = (root_uid, root_gid)
+        if store_format is None:
+            store_format = self._backend.whiteout_format
+            self._store.write_format(store_format)
+        self.whiteout_format: str = store_format
+
+        self._id_locks = NamedLocks()
+        self._root_lock = RootLock(self._store.layers_dir)
+        self._references = LayerReferences()
+        with self._root_lock.hold():
+            self._store.clean_stale()
+
+    # ---- identity -------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return "aufs"
+
+    def __repr__(self) -> str:
+        return f"aufs.Driver({self.root!r}, backend={self.backend!r})"
+
+    @property
+    def backend(self) -> str:
+        """What "auto" resolved to: "aufs", "overlay" or "fuse-overlayfs"."""
+        return self._backend.name
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def exists(self, layer_id: str) -> bool:
+        return self._store.exists(validate_layer_id(layer_id))
+
+    def parent_ids(self, layer_id: str) -> list[str]:
+        """The layer's ancestors, direct parent first."""
+        return self._store.parent_ids(validate_layer_id(layer_id))
+
+    def layer_ids(self) -> list[str]:
+        return self._store.ids()
+
+    def status(self) -> list[tuple[str, str]]:
+        """Docker's four rows, in Docker's order, then this driver's own."""
+        return [
+            ("Root Dir", self.root),
+            ("Backing Filesystem", self.backing_fs),
+            ("Dirs", str(len(self._store.ids()))),
+            ("Dirperm1 Supported", "true" if self._backend.dirperm1_supported() else "false"),
+            ("Backend", self.backend),
+            ("Whiteout Format", self.whiteout_format),
+            ("Implementation", native.IMPLEMENTATION),
+            ("Layers Held", str(len(self._references.held()))),
+        ]
+
+    def get_metadata(self, layer_id: str) -> dict[str, str]:
+        """Where the layer lives, with overlay2's key names (as `docker inspect` shows)."""
+        layer_id = validate_layer_id(layer_id)
+        parents = self._store.parent_ids(layer_id)
+        metadata = {
+            "UpperDir": self._store.diff_path(layer_id),
+            "MergedDir": self._path_for(layer_id, parents),
+            "LowerDir": ":".join(self._store.diff_path(parent) for parent in parents),
+        }
+        if self._backend.needs_work_dir:
+            metadata["WorkDir"] = self._store.work_path(layer_id)
+        return metadata
+
+    # ---- create and remove ----------------------------------------------------------------
+
+    def create(self, layer_id: str, parent: str = "", opts: CreateOpts | None = None) -> None:
+        """Creates an empty layer on top of parent. Nothing is left behind if it fails."""
+        layer_id = validate_layer_id(layer_id)
+        parent = validate_layer_id(parent, "parent id") if parent else ""
+        if opts is not None and opts.storage_opt:
+            raise AufsError("--storage-opt is not supported for aufs")
+        with self._id_locks.hold(layer_id), self._root_lock.hold():
+            if self._store.exists(layer_id):
+                raise LayerExistsError(f"layer {layer_id!r} already exists in {self.root}")
+            parents = [parent, *self._store.parent_ids(parent)] if parent else []
+            try:
+                self._store.make_layer_dirs(layer_id, self._layer_owner,
+                                            work=self._backend.needs_work_dir)
+                self._store.write_layer_file(layer_id, parents)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self._store.remove_layer_dirs(layer_id)
+                raise
+
+    def create_read_write(self, layer_id: str, parent: str = "",
+                          opts: CreateOpts | None = None) -> None:
+        """Same as create: aufs makes no difference between image and container layers."""
+        self.create(layer_id, parent, opts)
+
+    def remove(self, layer_id: str, force: bool = False) -> None:
+        """Unmounts and deletes a layer. A mount still busy after the retries raises
+        UnmountBusyError and keeps the layer; force=True detaches it lazily instead."""
+        layer_id = validate_layer_id(layer_id)
+        with self._id_locks.hold(layer_id), self._root_lock.hold():
+            leftovers = [path for path in (self._store.diff_path(layer_id),
+                                           self._store.mount_path(layer_id))
+                         if os.path.lexists(path)]
+            if not self._store.exists(layer_id) and not leftovers:
+                raise LayerNotFoundError(f"layer {layer_id!r} does not exist in {self.root}")
+            children = self._store.children(layer_id)
+            if children:
+                raise LayerInUseError(
+                    f"layer {layer_id!r} is the parent of {', '.join(sorted(children))}; "
+                    "remove those first"
+                )
+            # Docker removes a layer this process still holds; other processes' holds count.
+            held = self._references.count(layer_id)
+            self._references.forget(layer_id)
+            try:
+                self._unmount_layer(layer_id, force=force, refuse_if_shared=True)
+            except BaseException:
+                self._references.restore(layer_id, self._store.diff_path(layer_id), held)
+                raise
+            self._store.remove_layer_file(layer_id)
+            self._store.remove_layer_dirs(layer_id)
+
+    # ---- get and put ----------------------------------------------------------------------
+
+    def get(self, layer_id: str, mount_label: str = "") -> str:
+        """The path of the layer's root filesystem: diff/<id> for a base layer, the union
+        mount mnt/<id> for a child. Each get needs one put."""
+        layer_id = validate_layer_id(layer_id)
+        with self._id_locks.hold(layer_id):
+            parents = self._store.parent_ids(layer_id)
+            path = self._path_for(layer_id, parents)
+            if self._references.count(layer_id) > 0 and (
+                not parents or self._backend.is_mounted(path)
+            ):
+                self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                return path
+            with self._root_lock.hold():
+                self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                try:
+                    if parents and not self._backend.is_mounted(path):
+                        if self._backend.needs_work_dir:
+                            self._store.ensure_work_dir(layer_id, self._layer_owner)
+                        self._backend.mount(self._mount_request(layer_id, parents, mount_label))
+                except BaseException:
+                    self._references.release(layer_id)
+                    raise
+            return path
+
+    def put(self, layer_id: str) -> None:
+        """Releases one get. The last one unmounts, unless another process still holds the
+        layer. A mount that stays busy raises UnmountBusyError and stays held."""
+        layer_id = validate_layer_id(layer_id)
+        with self._id_locks.hold(layer_id):
+            parents = self._store.parent_ids(layer_id)
+            count = self._references.count(layer_id)
+            if count > 1:
+                self._references.release(layer_id)
+                return
+            with self._root_lock.hold():
+                if count == 0:
+                    # Docker's "Put without Get": release a mount that a previous process left.
+                    if parents and self._backend.is_mounted(self._store.mount_path(layer_id)):
+                        self._unmount_layer(layer_id, force=False, refuse_if_shared=False)
+                        return
+                    raise UnbalancedPutError(
+                        f"put({layer_id!r}) without a matching get: this process holds no "
+                        "reference to the layer and it is not mounted"
+                    )
+                self._references.release(layer_id)
+                try:
+                    self._unmount_layer(layer_id, force=False, refuse_if_shared=False)
+                except UnmountBusyError:
+                    self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                    raise
+
+    @contextlib.contextmanager
+    def mounted(self, layer_id: str, mount_label: str = "") -> Iterator[str]:
+        """`with driver.mounted(id) as path:` gets the layer, and puts it on exit."""
+        path = self.get(layer_id, mount_label)
+        try:
+            yield path
+        finally:
+            self.put(layer_id)
+
+    # ---- cleanup --------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Unmounts every layer mount under mnt/ that no other process holds. It always
+        finishes: a mount that stays busy is detached lazily."""
+        with self._root_lock.hold():
+            try:
+                names = sorted(os.listdir(self._store.mnt_dir))
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                target = self._store.mount_path(name)
+                if not self._backend.is_mounted(target):
+                    continue
+                self._references.forget(name)
+                if LayerReferences.held_elsewhere(self._store.diff_path(name)):
+                    log.info("cleanup: leaving %s mounted, another process holds it", target)
+                    continue
+                try:
+                    self._backend.before_unmount(target)
+                    unmount_with_retries(self._backend.unmount, target, self.retry_policy,
+                                         force=True)
+                except (AufsError, OSError) as error:
+                    log.warning("cleanup: cannot unmount %s: %s", target, error)
+            self._references.forget_all()
+        self._root_lock.close()
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.cleanup()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _path_for(self, layer_id: str, parents: Sequence[str]) -> str:
+        if parents:
+            return self._store.mount_path(layer_id)
+        return self._store.diff_path(layer_id)
+
+    def _mount_request(self, layer_id: str, parents: Sequence[str], label: str) -> MountRequest:
+        store = self._store
+        return MountRequest(
+            layer_id=layer_id,
+            upper=store.diff_path(layer_id),
+            lowers=tuple(store.diff_path(parent) for parent in parents),
+            target=store.mount_path(layer_id),
+            work=store.work_path(layer_id) if self._backend.needs_work_dir else None,
+            label=label,
+        )
+
+    def _unmount_layer(self, layer_id: str, *, force: bool, refuse_if_shared: bool) -> None:
+        """Unmounts mnt/<id> if it is mounted, with the retry policy. Call with the root lock
+        held and this process's own references already released. When another process
+        holds the layer: force detaches lazily, refuse_if_shared raises, else it is kept."""
+        target = self._store.mount_path(layer_id)
+        if not self._backend.is_mounted(target):
+            return
+        if LayerReferences.held_elsewhere(self._store.diff_path(layer_id)):
+            if force:
+                log.warning("%s is held by another process; detaching it lazily", target)
+                self._backend.unmount(target, MNT_DETACH)
+            elif refuse_if_shared:
+                raise LayerInUseError(
+                    f"{target} is in use by another process; put it there first, or remove "
+                    "with force=True"
+                )
+            return
+        self._backend.before_unmount(target)
+        unmount_with_retries(self._backend.unmount, target, self.retry_policy, force=force)

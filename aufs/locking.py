@@ -1,0 +1,135 @@
+"""Locks: per-id locks inside a process, the root lock across processes, and the shared
+references that tell one process whether another still uses a layer's mount."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+
+
+class NamedLocks:
+    """One lock per name, created on demand and dropped when nobody waits (moby/locker)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(name, (threading.Lock(), 0))
+            self._locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[name]
+                if users == 1:
+                    del self._locks[name]
+                else:
+                    self._locks[name] = (lock, users - 1)
+
+
+class RootLock:
+    """Serialises changes to a store root across threads and processes.
+
+    It flocks the root's layers/ directory itself, so it adds no file to a Docker root and
+    works on a read-only mount. Re-entrant within a thread.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._depth == 0:
+                if self._fd is None:
+                    self._fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._fd is not None and self._depth == 0:
+                os.close(self._fd)
+                self._fd = None
+
+
+class LayerReferences:
+    """How many times this process holds each layer, plus a shared flock on the layer's diff
+    dir while it holds any. Another process can then ask `held_elsewhere` before unmounting.
+    Locks die with their process, so a crash never leaves a stale reference."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._fds: dict[str, int] = {}
+
+    def count(self, layer_id: str) -> int:
+        return self._counts.get(layer_id, 0)
+
+    def held(self) -> list[str]:
+        return [layer_id for layer_id, count in self._counts.items() if count > 0]
+
+    def acquire(self, layer_id: str, diff_path: str) -> int:
+        count = self._counts.get(layer_id, 0) + 1
+        if count == 1:
+            fd = os.open(diff_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._fds[layer_id] = fd
+        self._counts[layer_id] = count
+        return count
+
+    def release(self, layer_id: str) -> int:
+        count = self._counts.get(layer_id, 0) - 1
+        if count <= 0:
+            self.forget(layer_id)
+            return 0
+        self._counts[layer_id] = count
+        return count
+
+    def forget(self, layer_id: str) -> None:
+        self._counts.pop(layer_id, None)
+        fd = self._fds.pop(layer_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def restore(self, layer_id: str, diff_path: str, count: int) -> None:
+        """Takes back `count` references dropped by forget()."""
+        for _ in range(count):
+            self.acquire(layer_id, diff_path)
+
+    def forget_all(self) -> None:
+        for layer_id in list(self._counts):
+            self.forget(layer_id)
+
+    @staticmethod
+    def held_elsewhere(diff_path: str) -> bool:
+        """True when another process (or another Driver) holds a reference to this layer."""
+        try:
+            fd = os.open(diff_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False

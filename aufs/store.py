@@ -1,0 +1,267 @@
+"""The on-disk store: Docker's `layers/ diff/ mnt/` layout, the parent-chain metadata, the
+whiteout-format marker and the start-up cleanup of interrupted work.
+
+`layers/<id>` is the commit point: a layer exists exactly when that file does. Everything a
+crash can leave behind (`*-removing`, `staging/` entries, dirs without a layers file) is
+either cleaned at start-up or reported by fsck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+from aufs.atomic import atomic_remove, atomic_write, fsync_directory, remove_tree
+from aufs.errors import AufsError, LayerNotFoundError
+from aufs.ids import REMOVING_SUFFIX, validate_layer_id
+
+log = logging.getLogger(__name__)
+
+ROOT_MODE = 0o710  # Docker 20.10's mode for ROOT and its layers/ diff/ mnt/
+LAYER_DIR_MODE = 0o755
+FORMAT_MARKER = "whiteout-format"
+WHITEOUT_FORMATS = ("aufs", "overlay")
+
+
+class CorruptStoreError(AufsError):
+    """The store's metadata cannot be read as Docker wrote it."""
+
+
+class Store:
+    """Paths and metadata of one store root. Callers hold the root lock around changes."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.layers_dir = os.path.join(root, "layers")
+        self.diff_dir = os.path.join(root, "diff")
+        self.mnt_dir = os.path.join(root, "mnt")
+        self.work_dir = os.path.join(root, "work")
+        self.staging_dir = os.path.join(root, "staging")
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    def layer_file(self, layer_id: str) -> str:
+        return os.path.join(self.layers_dir, layer_id)
+
+    def diff_path(self, layer_id: str) -> str:
+        return os.path.join(self.diff_dir, layer_id)
+
+    def mount_path(self, layer_id: str) -> str:
+        return os.path.join(self.mnt_dir, layer_id)
+
+    def work_path(self, layer_id: str) -> str:
+        return os.path.join(self.work_dir, layer_id)
+
+    # ---- layout ---------------------------------------------------------------------------
+
+    def is_new(self) -> bool:
+        """No layers yet and no format chosen: any backend may claim this root."""
+        if os.path.exists(os.path.join(self.root, FORMAT_MARKER)):
+            return False
+        try:
+            return not any(True for entry in os.scandir(self.layers_dir) if not entry.is_dir())
+        except FileNotFoundError:
+            return True
+
+    def ensure_layout(self, owner: tuple[int, int]) -> None:
+        """Creates ROOT, layers/, diff/ and mnt/ with Docker's mode and owner, and re-applies
+        them to existing dirs as Docker does."""
+        for path in (self.root, self.layers_dir, self.diff_dir, self.mnt_dir):
+            os.makedirs(path, mode=ROOT_MODE, exist_ok=True)
+            _set_mode_and_owner(path, ROOT_MODE, owner)
+
+    def read_format(self) -> str | None:
+        """The whiteout format the marker records; None when there is no marker."""
+        try:
+            with open(os.path.join(self.root, FORMAT_MARKER)) as marker:
+                value = marker.read().strip()
+        except FileNotFoundError:
+            return None
+        if value not in WHITEOUT_FORMATS:
+            raise CorruptStoreError(
+                f"{os.path.join(self.root, FORMAT_MARKER)} says {value!r}; expected one of "
+                f"{', '.join(WHITEOUT_FORMATS)}"
+            )
+        return value
+
+    def write_format(self, whiteout_format: str) -> None:
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        atomic_write(os.path.join(self.root, FORMAT_MARKER), f"{whiteout_format}\n".encode(),
+                     temp_dir=self.staging_dir)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def exists(self, layer_id: str) -> bool:
+        return os.path.lexists(self.layer_file(layer_id))
+
+    def ids(self) -> list[str]:
+        """Every layer id: the non-directory entries of layers/, sorted (Docker's loadIds)."""
+        try:
+            with os.scandir(self.layers_dir) as entries:
+                return sorted(entry.name for entry in entries if not entry.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def parent_ids(self, layer_id: str) -> list[str]:
+        """The layer's ancestors, direct parent first, as its layers file lists them."""
+        path = self.layer_file(layer_id)
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read(1 << 20)
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {layer_id!r} does not exist in {self.root}") from None
+        parents = []
+        for number, raw_line in enumerate(content.split(b"\n"), start=1):
+            line = raw_line.removesuffix(b"\r")
+            if not line:
+                continue
+            try:
+                parents.append(validate_layer_id(line.decode("utf-8"), "parent id"))
+            except (UnicodeDecodeError, AufsError) as error:
+                raise CorruptStoreError(
+                    f"{path} line {number} is not a layer id ({error}); restore the file or "
+                    "remove the layer"
+                ) from None
+        if layer_id in parents:
+            raise CorruptStoreError(f"{path} lists the layer as its own ancestor")
+        return parents
+
+    def write_layer_file(self, layer_id: str, parents: list[str]) -> None:
+        """Writes layers/<id> atomically: one id per line, direct parent first."""
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        content = "".join(f"{parent}\n" for parent in parents).encode()
+        atomic_write(self.layer_file(layer_id), content, temp_dir=self.staging_dir)
+
+    def remove_layer_file(self, layer_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layer_file(layer_id))
+        fsync_directory(self.layers_dir)
+
+    def children(self, layer_id: str) -> list[str]:
+        """Layers whose direct parent is layer_id."""
+        found = []
+        for other in self.ids():
+            try:
+                with open(self.layer_file(other), "rb") as handle:
+                    first = handle.readline().rstrip(b"\r\n")
+            except OSError:
+                continue
+            if first == layer_id.encode():
+                found.append(other)
+        return found
+
+    # ---- layer directories ----------------------------------------------------------------
+
+    def make_layer_dirs(self, layer_id: str, owner: tuple[int, int], *, work: bool) -> None:
+        """Creates diff/<id> and mnt/<id> (and work/<id>) fresh. Dirs left by a create that
+        crashed before its commit are not a layer, so they are cleared first."""
+        paths = [self.mount_path(layer_id), self.diff_path(layer_id)]
+        if work:
+            os.makedirs(self.work_dir, mode=ROOT_MODE, exist_ok=True)
+            paths.append(self.work_path(layer_id))
+        for path in paths:
+            if os.path.lexists(path):
+                log.info("clearing %s, left by an interrupted create", path)
+                atomic_remove(path)
+            os.mkdir(path, LAYER_DIR_MODE)
+            _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
+
+    def ensure_work_dir(self, layer_id: str, owner: tuple[int, int]) -> None:
+        """work/<id> for backends that need one; layers Docker made have none until mounted."""
+        path = self.work_path(layer_id)
+        if not os.path.isdir(path):
+            os.makedirs(self.work_dir, mode=ROOT_MODE, exist_ok=True)
+            os.mkdir(path, LAYER_DIR_MODE)
+            _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
+
+    def remove_layer_dirs(self, layer_id: str) -> None:
+        for path in (self.diff_path(layer_id), self.mount_path(layer_id),
+                     self.work_path(layer_id)):
+            atomic_remove(path)
+
+    # ---- staging and start-up cleanup -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, purpose: str) -> Iterator[str]:
+        """A private directory on the store's filesystem, flocked while in use so that
+        another process's start-up cleanup leaves it alone; removed afterwards."""
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=f"{purpose}-", dir=self.staging_dir)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            try:
+                remove_tree(path)
+            finally:
+                os.close(fd)
+
+    def clean_stale(self) -> None:
+        """Docker's start-up cleanup of `*-removing` dirs in mnt/ and diff/ (and our work/),
+        plus staging entries whose owner is gone. Failures are logged, never raised."""
+        for parent in (self.mnt_dir, self.diff_dir, self.work_dir):
+            try:
+                entries = list(os.scandir(parent))
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                log.error("error reading dir entries of %s: %s", parent, error)
+                continue
+            for entry in entries:
+                if entry.name.endswith(REMOVING_SUFFIX) and entry.is_dir(follow_symlinks=False):
+                    log.debug("cleaning up stale layer dir %s", entry.path)
+                    try:
+                        remove_tree(entry.path)
+                    except OSError as error:
+                        log.error("error removing stale layer dir %s: %s", entry.path, error)
+        self._clean_abandoned_staging()
+
+    def _clean_abandoned_staging(self) -> None:
+        try:
+            entries = list(os.scandir(self.staging_dir))
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                # a temp file of an atomic write; old ones belong to no live writer
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > 600:
+                        os.unlink(entry.path)
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    log.error("cannot lock %s: %s", entry.path, error)
+                os.close(fd)
+                continue  # still in use by another process
+            try:
+                log.debug("cleaning up abandoned staging dir %s", entry.path)
+                remove_tree(entry.path)
+            except OSError as error:
+                log.error("error removing %s: %s", entry.path, error)
+            finally:
+                os.close(fd)
+
+
+def _set_mode_and_owner(path: str, mode: int, owner: tuple[int, int]) -> None:
+    os.chmod(path, mode)
+    info = os.lstat(path)
+    if (info.st_uid, info.st_gid) != owner:
+        try:
+            os.chown(path, *owner)
+        except PermissionError:
+            if os.geteuid() == 0:
+                raise
+            log.debug("cannot chown %s to %s as an unprivileged user", path, owner)
