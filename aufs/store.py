@@ -43,6 +43,9 @@ class Store:
         self.mnt_dir = os.path.join(root, "mnt")
         self.work_dir = os.path.join(root, "work")
         self.staging_dir = os.path.join(root, "staging")
+        # layers/<id> never changes once written; a chain is re-read only if the file is
+        # replaced (another process removed and re-created the id).
+        self._chains: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
 
     # ---- paths ----------------------------------------------------------------------------
 
@@ -113,9 +116,21 @@ class Store:
         path = self.layer_file(layer_id)
         try:
             with open(path, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                identity = (info.st_ino, info.st_mtime_ns, info.st_size)
+                cached = self._chains.get(layer_id)
+                if cached is not None and cached[0] == identity:
+                    return list(cached[1])
                 content = handle.read(1 << 20)
         except FileNotFoundError:
+            self._chains.pop(layer_id, None)
             raise LayerNotFoundError(f"layer {layer_id!r} does not exist in {self.root}") from None
+        parents = self._parse_chain(path, layer_id, content)
+        self._chains[layer_id] = (identity, tuple(parents))
+        return parents
+
+    @staticmethod
+    def _parse_chain(path: str, layer_id: str, content: bytes) -> list[str]:
         parents = []
         for number, raw_line in enumerate(content.split(b"\n"), start=1):
             line = raw_line.removesuffix(b"\r")

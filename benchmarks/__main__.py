@@ -3,6 +3,7 @@
     python -m benchmarks                  # all
     python -m benchmarks dirsize [FILES]  # directory_size vs du -sb (default 200,000 files)
     python -m benchmarks mountdata        # mount-data builder, native vs fallback
+    python -m benchmarks mount            # Driver.get+put vs raw mount(2) on deep chains
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import aufs
 
-SUITES = ["dirsize", "mountdata"]
+SUITES = ["dirsize", "mountdata", "mount"]
 
 
 def main() -> None:
