@@ -26,6 +26,7 @@ from aufs.backends import (
     MountRequest,
     OverlayBackend,
 )
+from aufs.changes import Change, ChangeKind
 from aufs.driver import CreateOpts, Driver, LayerInUseError, UnbalancedPutError
 from aufs.errors import (
     AufsError,
@@ -39,6 +40,7 @@ from aufs.errors import (
     UnmountBusyError,
 )
 from aufs.fsmagic import FS_NAMES, FsMagic, backing_fs_name
+from aufs.layerdiffs import FileGetter
 from aufs.mounters import MountCall, RecordingMounter, SyscallMounter
 from aufs.retry import RetryPolicy
 
@@ -56,9 +58,12 @@ __all__ = [
     "AufsBackend",
     "AufsError",
     "Backend",
+    "Change",
+    "ChangeKind",
     "CreateOpts",
     "DiffError",
     "Driver",
+    "FileGetter",
     "FsMagic",
     "FuseOverlayfsBackend",
     "IncompatibleFSError",

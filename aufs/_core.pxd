@@ -29,5 +29,10 @@ cdef extern from "aufs_core.h" nogil:
                      size_t param_count, unsigned int attr_flags, const char *target,
                      char *message, size_t message_size)
 
+    int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
+                     unsigned long long resolve)
+    int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd,
+                       const char *new_path, unsigned int flags)
+
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                             char *error_path, size_t error_path_size)

@@ -250,6 +250,36 @@ def fsmount(
         os.close(context)
 
 
+_SYS_OPENAT2 = 437  # the same on every architecture
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                            ctypes.c_uint]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: PathArg, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): open path relative to dirfd with RESOLVE_* flags; returns the fd."""
+    how = _OpenHow(flags & 0xFFFFFFFF, mode, resolve)
+    try:
+        return _syscall(_SYS_OPENAT2, dirfd, _encode(path, "path"), ctypes.byref(how),
+                        ctypes.c_size_t(ctypes.sizeof(how)))
+    except OSError as error:
+        raise _os_error(error.errno, path) from None
+
+
+def renameat2(
+    old_dirfd: int, old_path: PathArg, new_dirfd: int, new_path: PathArg, flags: int = 0
+) -> None:
+    """renameat2(2); flags=2 (RENAME_EXCHANGE) swaps the two paths atomically."""
+    arguments = (old_dirfd, _encode(old_path, "path"), new_dirfd, _encode(new_path, "path"),
+                 flags)
+    if _libc.renameat2(*arguments) != 0:
+        raise _os_error(_last_errno(), old_path)
+
+
 def fs_magic(path: PathArg) -> int:
     """statfs(2) f_type of the filesystem holding path."""
     buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes; f_type comes first

@@ -8,50 +8,42 @@ from __future__ import annotations
 
 import logging
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from aufs import _fallback
 
 log = logging.getLogger(__name__)
 
-_forced_fallback = os.environ.get("AUFS_NO_EXTENSIONS", "") not in ("", "0")
 
-if _forced_fallback:
-    from aufs._fallback import (
-        IMPLEMENTATION,
-        aufs_mount_data,
-        directory_size,
-        fs_magic,
-        fsmount,
-        is_mountpoint,
-        mount,
-        mounted,
-        unmount,
-    )
-else:
+def _choose() -> ModuleType:
+    if os.environ.get("AUFS_NO_EXTENSIONS", "") not in ("", "0"):
+        return _fallback
     try:
-        from aufs._native import (
-            IMPLEMENTATION,
-            aufs_mount_data,
-            directory_size,
-            fs_magic,
-            fsmount,
-            is_mountpoint,
-            mount,
-            mounted,
-            unmount,
-        )
+        from aufs import _native
     except ImportError as error:
         log.warning("aufs native extension unavailable (%s); using the pure-Python fallback",
                     error)
-        from aufs._fallback import (
-            IMPLEMENTATION,
-            aufs_mount_data,
-            directory_size,
-            fs_magic,
-            fsmount,
-            is_mountpoint,
-            mount,
-            mounted,
-            unmount,
-        )
+        return _fallback
+    return _native
+
+
+if TYPE_CHECKING:  # the native stub (_native.pyi) mirrors the fallback's signatures
+    _chosen = _fallback
+else:
+    _chosen = _choose()
+
+IMPLEMENTATION: str = _chosen.IMPLEMENTATION
+aufs_mount_data = _chosen.aufs_mount_data
+directory_size = _chosen.directory_size
+fs_magic = _chosen.fs_magic
+fsmount = _chosen.fsmount
+is_mountpoint = _chosen.is_mountpoint
+mount = _chosen.mount
+mounted = _chosen.mounted
+openat2 = _chosen.openat2
+renameat2 = _chosen.renameat2
+unmount = _chosen.unmount
 
 __all__ = [
     "IMPLEMENTATION",
@@ -62,5 +54,7 @@ __all__ = [
     "is_mountpoint",
     "mount",
     "mounted",
+    "openat2",
+    "renameat2",
     "unmount",
 ]

@@ -202,6 +202,38 @@ def fsmount(fstype, target, options=(), *, source=None, attr_flags=0):
         raise _os_error(-rc, target, message.decode("utf-8", "replace"))
 
 
+def openat2(dirfd, path, flags, mode=0, resolve=0):
+    """openat2(2): open path relative to dirfd with RESOLVE_* flags; returns the fd."""
+    cdef bytes path_bytes = _encode(path, "path")
+    cdef const char *path_c = path_bytes
+    cdef int dir_c = dirfd
+    cdef int flags_c = flags
+    cdef unsigned int mode_c = mode
+    cdef unsigned long long resolve_c = resolve
+    cdef int rc
+    with nogil:
+        rc = core.aufs_openat2(dir_c, path_c, flags_c, mode_c, resolve_c)
+    if rc < 0:
+        raise _os_error(-rc, path)
+    return rc
+
+
+def renameat2(old_dirfd, old_path, new_dirfd, new_path, flags=0):
+    """renameat2(2); flags=2 (RENAME_EXCHANGE) swaps the two paths atomically."""
+    cdef bytes old_bytes = _encode(old_path, "path")
+    cdef bytes new_bytes = _encode(new_path, "path")
+    cdef const char *old_c = old_bytes
+    cdef const char *new_c = new_bytes
+    cdef int old_dir = old_dirfd
+    cdef int new_dir = new_dirfd
+    cdef unsigned int flags_c = flags
+    cdef int rc
+    with nogil:
+        rc = core.aufs_renameat2(old_dir, old_c, new_dir, new_c, flags_c)
+    if rc < 0:
+        raise _os_error(-rc, old_path)
+
+
 def fs_magic(path):
     """statfs(2) f_type of the filesystem holding path."""
     cdef bytes path_bytes = _encode(path, "path")

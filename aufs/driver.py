@@ -11,10 +11,11 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from aufs import _implementation as native
 from aufs.backends import Backend, MountRequest, resolve_backend
+from aufs.changes import Change
 from aufs.errors import (
     AufsError,
     LayerExistsError,
@@ -24,6 +25,7 @@ from aufs.errors import (
 from aufs.fsmagic import backing_fs_name
 from aufs.idmap import IdentityMapping, IDMap
 from aufs.ids import validate_layer_id
+from aufs.layerdiffs import FileGetter, LayerDiffs
 from aufs.locking import LayerReferences, NamedLocks, RootLock
 from aufs.mounters import MNT_DETACH, Mounter
 from aufs.retry import RetryPolicy, unmount_with_retries
@@ -99,6 +101,7 @@ class Driver:
         self._references = LayerReferences()
         with self._root_lock.hold():
             self._store.clean_stale()
+        self._diffs = LayerDiffs(self)
 
     # ---- identity -------------------------------------------------------------------------
 
@@ -269,6 +272,26 @@ class Driver:
             yield path
         finally:
             self.put(layer_id)
+
+    # ---- diffs (aufs/layerdiffs.py) --------------------------------------------------------
+
+    def diff(self, layer_id: str, parent: str = "") -> BinaryIO:
+        """The layer as an uncompressed tar in AUFS whiteout format. Close it when done."""
+        return self._diffs.diff(layer_id, parent)
+
+    def diff_size(self, layer_id: str, parent: str = "") -> int:
+        return self._diffs.diff_size(layer_id, parent)
+
+    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO, *,
+                   allow_devices: bool = True) -> int:
+        """Unpacks an uncompressed, untrusted tar into the layer, atomically."""
+        return self._diffs.apply_diff(layer_id, parent, stream, allow_devices=allow_devices)
+
+    def changes(self, layer_id: str, parent: str = "") -> list[Change]:
+        return self._diffs.changes(layer_id, parent)
+
+    def diff_getter(self, layer_id: str) -> FileGetter:
+        return self._diffs.diff_getter(layer_id)
 
     # ---- cleanup --------------------------------------------------------------------------
 

@@ -69,6 +69,14 @@ int aufs_fsmount(const char *fstype, const char *source, const struct aufs_fs_pa
                  size_t param_count, unsigned int attr_flags, const char *target, char *message,
                  size_t message_size);
 
+/* openat2(2) with the given RESOLVE_* flags: the fd, or -errno (-ENOSYS before Linux 5.6). */
+int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
+                 unsigned long long resolve);
+
+/* renameat2(2); RENAME_EXCHANGE (2) swaps two paths atomically. */
+int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const char *new_path,
+                   unsigned int flags);
+
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
 
 /*

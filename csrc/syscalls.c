@@ -28,6 +28,12 @@
 #define SYS_fsmount 432
 #define SYS_move_mount 429
 #endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef SYS_renameat2
+#error "renameat2 syscall number unknown on this architecture"
+#endif
 #define AUFS_FSOPEN_CLOEXEC 0x1
 #define AUFS_FSCONFIG_SET_FLAG 0
 #define AUFS_FSCONFIG_SET_STRING 1
@@ -138,4 +144,23 @@ int aufs_fsmount(const char *fstype, const char *source, const struct aufs_fs_pa
         close(mount_fd);
     close(context);
     return -error;
+}
+
+int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
+                 unsigned long long resolve)
+{
+    struct {
+        uint64_t flags;
+        uint64_t mode;
+        uint64_t resolve;
+    } how = {(uint64_t)(unsigned int)flags, mode, resolve};
+    long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const char *new_path,
+                   unsigned int flags)
+{
+    return syscall(SYS_renameat2, old_dirfd, old_path, new_dirfd, new_path, flags) == 0 ? 0
+                                                                                         : -errno;
 }

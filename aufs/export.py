@@ -1,0 +1,309 @@
+"""Writing a layer as a tar stream in AUFS whiteout format, the format of image archives.
+
+A branch's own whiteouts are converted on the way out: 0/0 character devices become
+`.wh.<name>`, an opaque directory gets a `.wh..wh..opq` entry, and the aufs metadata at the
+top (`.wh..wh.aufs`, `.wh..wh.plnk/`, `.wh..wh.orph/`) is left out, as Docker's Diff does.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from aufs import whiteouts
+from aufs.errors import DiffError
+from aufs.idmap import IdentityMapping
+from aufs.tarformat import (
+    BLOCK_DEVICE,
+    CHAR,
+    DIRECTORY,
+    FIFO,
+    HARDLINK,
+    REGULAR,
+    SYMLINK,
+    ZERO_BLOCK,
+    TarHeader,
+    build_header,
+    padding,
+)
+
+log = logging.getLogger(__name__)
+
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FLUSH_AT = 64 * 1024
+
+
+@dataclass
+class ExportOptions:
+    id_mapping: IdentityMapping = field(default_factory=IdentityMapping)
+    convert_whiteouts: bool = True  # read 0/0 devices and opaque xattrs as whiteouts
+    skip_aufs_metadata: bool = True  # leave out the top-level .wh..wh.* but .wh..wh..opq
+
+
+class TarWriter:
+    """Headers are buffered; file data goes straight from the file with sendfile(2)."""
+
+    def __init__(self, out_fd: int, options: ExportOptions) -> None:
+        self.out_fd = out_fd
+        self.options = options
+        self._pending = bytearray()
+        self._links: dict[tuple[int, int], str] = {}
+        self._sendfile = True
+
+    def _flush(self) -> None:
+        with memoryview(self._pending) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(self.out_fd, view[written:])
+        self._pending.clear()
+
+    def _emit(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= FLUSH_AT:
+            self._flush()
+
+    def close(self) -> None:
+        self._emit(ZERO_BLOCK * 2)
+        self._flush()
+
+    def add_whiteout(self, name: str, info: os.stat_result | None = None) -> None:
+        """A `.wh.` entry; Docker gives converted ones mode 0600 and the device's owner."""
+        owner = (info.st_uid, info.st_gid) if info is not None else (0, 0)
+        mtime = info.st_mtime_ns if info is not None else time.time_ns()
+        self._emit(build_header(TarHeader(name=name, typeflag=REGULAR,
+                                          mode=0o600 if info is not None else 0,
+                                          uid=owner[0], gid=owner[1],
+                                          mtime_ns=mtime - mtime % 1_000_000_000)))
+
+    def add_opaque_marker(self, directory: str, info: os.stat_result) -> None:
+        """`.wh..wh..opq` after an opaque directory: its permission bits and owner (Docker)."""
+        self._emit(build_header(TarHeader(
+            name=f"{directory}/{whiteouts.OPAQUE_MARKER}", typeflag=REGULAR,
+            mode=stat.S_IMODE(info.st_mode) & 0o777, uid=info.st_uid, gid=info.st_gid)))
+
+    def add(self, parent_fd: int, base: str, name: str, info: os.stat_result) -> None:
+        """One entry read from base in parent_fd, archived as name."""
+        mapping = self.options.id_mapping
+        is_whiteout_name = base.startswith(whiteouts.PREFIX)
+        try:
+            uid = info.st_uid if is_whiteout_name else mapping.uids.to_container(info.st_uid)
+            gid = info.st_gid if is_whiteout_name else mapping.gids.to_container(info.st_gid)
+        except ValueError as error:
+            raise DiffError(f"entry {name!r}: {error}") from None
+        header = TarHeader(name=name, typeflag=REGULAR, mode=stat.S_IMODE(info.st_mode),
+                           uid=uid, gid=gid,
+                           mtime_ns=info.st_mtime_ns - info.st_mtime_ns % 1_000_000_000)
+        mode = info.st_mode
+        data_fd = -1
+        if stat.S_ISDIR(mode):
+            header.typeflag = DIRECTORY
+            header.name = name.rstrip("/") + "/"
+        elif stat.S_ISLNK(mode):
+            header.typeflag = SYMLINK
+            header.linkname = os.readlink(base, dir_fd=parent_fd)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            header.typeflag = CHAR if stat.S_ISCHR(mode) else BLOCK_DEVICE
+            header.devmajor, header.devminor = os.major(info.st_rdev), os.minor(info.st_rdev)
+        elif stat.S_ISFIFO(mode):
+            header.typeflag = FIFO
+        elif stat.S_ISSOCK(mode):
+            log.debug("leaving out socket %s: tar cannot hold it", name)
+            return
+        if not stat.S_ISDIR(mode) and info.st_nlink > 1 and not is_whiteout_name:
+            first = self._links.get((info.st_dev, info.st_ino))
+            if first is not None:
+                header.typeflag, header.linkname = HARDLINK, first
+                self._emit(build_header(header))
+                return
+            self._links[(info.st_dev, info.st_ino)] = name
+        if stat.S_ISREG(mode):
+            header.size = info.st_size
+            data_fd = os.open(base, READ_FLAGS, dir_fd=parent_fd)
+        try:
+            header.xattrs = _exported_xattrs(data_fd if data_fd >= 0 else None, parent_fd,
+                                             base, mode)
+            self._emit(build_header(header))
+            if data_fd >= 0:
+                self._copy(data_fd, info.st_size, name)
+        finally:
+            if data_fd >= 0:
+                os.close(data_fd)
+
+    def _copy(self, fd: int, size: int, name: str) -> None:
+        self._flush()
+        sent = 0
+        while sent < size:
+            count = 0
+            if self._sendfile:
+                try:
+                    count = os.sendfile(self.out_fd, fd, sent, size - sent)
+                except OSError as error:
+                    if error.errno not in (errno.EINVAL, errno.ENOSYS):
+                        raise
+                    self._sendfile = False
+            if not self._sendfile:
+                chunk = os.pread(fd, min(1 << 20, size - sent), sent)
+                count = len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.out_fd, view):]
+            if count == 0:
+                raise DiffError(f"entry {name!r}: the file shrank while it was archived")
+            sent += count
+        self._emit(padding(size))
+
+
+def _exported_xattrs(fd: int | None, parent_fd: int, base: str, mode: int) -> dict[str, bytes]:
+    """Every xattr that belongs to the content (not to overlayfs, fuse-overlayfs or the
+    host's SELinux policy)."""
+    if stat.S_ISLNK(mode) or (fd is None and not stat.S_ISDIR(mode)):
+        return {}
+    opened = -1
+    if fd is None:
+        opened = fd = os.open(base, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        names = os.listxattr(fd)
+        return {name: os.getxattr(fd, name) for name in names
+                if not whiteouts.is_internal_xattr(name)}
+    except OSError as error:
+        if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    finally:
+        if opened >= 0:
+            os.close(opened)
+
+
+def _sorted_entries(fd: int) -> list[os.DirEntry[str]]:
+    with os.scandir(fd) as entries:
+        return sorted(entries, key=lambda entry: os.fsencode(entry.name))
+
+
+def write_tree(root: str, out_fd: int, options: ExportOptions) -> None:
+    """Archives the tree at root (not root itself), in lexical order like Go's Walk."""
+    writer = TarWriter(out_fd, options)
+    root_fd = os.open(root, DIR_FLAGS)
+    stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [
+        (root_fd, "", iter(_sorted_entries(root_fd)))]
+    try:
+        while stack:
+            parent_fd, prefix, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                os.close(parent_fd)
+                continue
+            base = entry.name
+            name = prefix + base
+            if (options.skip_aufs_metadata and not prefix
+                    and base.startswith(whiteouts.META_PREFIX) and base != whiteouts.OPAQUE_MARKER):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if options.convert_whiteouts and whiteouts.is_overlay_whiteout(info):
+                if not base.startswith(whiteouts.PREFIX):  # fuse-overlayfs' .wh..opq device
+                    writer.add_whiteout(prefix + whiteouts.PREFIX + base, info)
+                continue
+            writer.add(parent_fd, base, name, info)
+            if stat.S_ISDIR(info.st_mode):
+                child_fd = os.open(base, DIR_FLAGS, dir_fd=parent_fd)
+                children = _sorted_entries(child_fd)
+                if (options.convert_whiteouts and whiteouts.is_opaque(child_fd)
+                        and not any(c.name == whiteouts.OPAQUE_MARKER for c in children)):
+                    writer.add_opaque_marker(name, info)
+                stack.append((child_fd, f"{name}/", iter(children)))
+        writer.close()
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def write_entries(root: str, names: Iterable[tuple[str, bool]], out_fd: int,
+                  options: ExportOptions) -> None:
+    """Archives chosen paths of root: (path, deleted) pairs, sorted by the caller. A deleted
+    path becomes a `.wh.` entry; the others are archived from root, without recursion."""
+    writer = TarWriter(out_fd, options)
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        for path, deleted in names:
+            parent, _, base = path.strip("/").rpartition("/")
+            if deleted:
+                writer.add_whiteout(f"{parent}/{whiteouts.PREFIX}{base}".lstrip("/"))
+                continue
+            parent_fd = os.open(parent, DIR_FLAGS, dir_fd=root_fd) if parent else root_fd
+            try:
+                info = os.lstat(base, dir_fd=parent_fd)
+                writer.add(parent_fd, base, path.strip("/"), info)
+            except FileNotFoundError:
+                log.debug("%s vanished before it was archived", path)
+            finally:
+                if parent_fd != root_fd:
+                    os.close(parent_fd)
+        writer.close()
+    finally:
+        os.close(root_fd)
+
+
+class TarPipe(io.RawIOBase):
+    """A readable stream fed by a thread that writes the tar into a pipe. An error in the
+    writer is raised by read() instead of looking like a short archive; close() stops the
+    writer and runs the cleanup (such as putting the layers that were mounted)."""
+
+    def __init__(self, produce: Callable[[int], None],
+                 on_close: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self._error: BaseException | None = None
+        self._on_close = on_close
+        self._thread = threading.Thread(target=self._run, args=(produce, write_fd),
+                                        name="aufs-diff", daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[int], None], write_fd: int) -> None:
+        try:
+            produce(write_fd)
+        except BrokenPipeError:
+            pass  # the reader closed early
+        except BaseException as error:
+            self._error = error
+        finally:
+            os.close(write_fd)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = os.readv(self._read_fd, [buffer])
+        if count == 0:
+            self._thread.join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                if isinstance(error, DiffError):
+                    raise error
+                raise DiffError(f"writing the layer archive failed: {error}") from error
+        return count
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            os.close(self._read_fd)
+            self._thread.join()
+        finally:
+            super().close()
+            if self._on_close is not None:
+                callback, self._on_close = self._on_close, None
+                callback()

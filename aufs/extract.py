@@ -1,0 +1,400 @@
+"""Unpacking an untrusted layer archive into a directory, with nothing escaping it.
+
+Three whiteout modes:
+- LITERAL: `.wh.` entries are written as files (an AUFS-format branch, Docker's fast path);
+- OVERLAY: they become 0/0 character devices and trusted.overlay.opaque (an overlay branch);
+- APPLY: they delete what they name (unpacking into a mounted union, Docker's naive path).
+
+Every failure is a DiffError that names the entry. The caller unpacks into a staging copy
+and swaps it in only on success, so a failed apply changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from aufs import whiteouts
+from aufs.beneath import BeneathRoot
+from aufs.errors import DiffError
+from aufs.idmap import IdentityMapping
+from aufs.tarformat import (
+    BLOCK_DEVICE,
+    CHAR,
+    CONTIGUOUS,
+    DIRECTORY,
+    FIFO,
+    GNU_SPARSE,
+    HARDLINK,
+    HEADER_ONLY_TYPES,
+    REGULAR,
+    REGULAR_OLD,
+    SYMLINK,
+    TarFormatError,
+    TarHeader,
+)
+from aufs.tarstream import TarReader
+
+log = logging.getLogger(__name__)
+
+PATH_MAX = 4096
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class WhiteoutMode(enum.Enum):
+    LITERAL = "literal"
+    OVERLAY = "overlay"
+    APPLY = "apply"
+
+
+@dataclass
+class ExtractOptions:
+    whiteouts: WhiteoutMode
+    id_mapping: IdentityMapping = field(default_factory=IdentityMapping)
+    allow_devices: bool = True
+
+
+@dataclass
+class ExtractResult:
+    entries: int = 0
+    header_bytes: int = 0  # the sum of member sizes: Docker's naive ApplyDiff result
+
+
+def split_name(name: str, what: str = "name") -> list[str]:
+    """An archive name as path components; refuses what could point outside."""
+    if name.startswith("/"):
+        raise ValueError(f"absolute {what}")
+    if "\0" in name:
+        raise ValueError(f"{what} holds a NUL byte")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{what} climbs out with '..'")
+    if len(os.fsencode(name)) >= PATH_MAX:
+        raise ValueError(f"{what} is longer than PATH_MAX ({PATH_MAX} bytes)")
+    return parts
+
+
+class Extractor:
+    """Unpacks one archive into `target`; not reusable."""
+
+    def __init__(self, target: str, options: ExtractOptions) -> None:
+        self.options = options
+        self.tree = BeneathRoot(target)
+        self.result = ExtractResult()
+        self.is_root = os.geteuid() == 0
+        self._dir_times: list[tuple[str, int, int]] = []
+        self._unpacked: set[str] = set()  # APPLY mode: what this layer put there
+        self._warned: set[str] = set()
+        self._owner_of_new_dirs = options.id_mapping.root_pair
+
+    def run(self, stream: BinaryIO) -> ExtractResult:
+        reader = TarReader(stream)
+        name = "(start of archive)"
+        try:
+            while True:
+                try:
+                    header = reader.next()
+                except TarFormatError as error:
+                    where = "the archive" if name.startswith("(") else f"after entry {name!r}"
+                    raise DiffError(f"{where}: {error}") from None
+                if header is None:
+                    break
+                name = header.name
+                try:
+                    self._entry(header, reader)
+                except TarFormatError as error:
+                    raise DiffError(f"entry {name!r}: {error}") from None
+                except ValueError as error:
+                    raise DiffError(f"entry {name!r}: {error}") from None
+                except OSError as error:
+                    raise DiffError(f"entry {name!r}: {error.strerror or error}") from error
+                self.result.entries += 1
+                self.result.header_bytes += header.realsize or header.size
+            self._set_directory_times()
+        finally:
+            self.tree.close()
+        return self.result
+
+    # ---- one entry ------------------------------------------------------------------------
+
+    def _entry(self, header: TarHeader, reader: TarReader) -> None:
+        parts = split_name(header.name)
+        kind = header.typeflag
+        if kind not in HEADER_ONLY_TYPES | {REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE}:
+            raise ValueError(f"unsupported entry type {kind!r}")
+        if kind in HEADER_ONLY_TYPES and header.size:
+            raise ValueError(f"a {_describe(kind)} entry carries {header.size} bytes of data")
+        if not parts:
+            if kind != DIRECTORY:
+                raise ValueError("the layer root itself can only be a directory")
+            return  # Docker keeps the layer root's own mode and owner
+        base = parts[-1]
+        parent = "/".join(parts[:-1])
+        if base.startswith(whiteouts.PREFIX) and self.options.whiteouts is not WhiteoutMode.LITERAL:
+            self._whiteout(parent, base, header)
+            return
+        if base.startswith(whiteouts.META_PREFIX) and base != whiteouts.OPAQUE_MARKER:
+            raise ValueError("an aufs metadata name (.wh..wh.*) is not layer content")
+        if base.startswith(whiteouts.PREFIX) and base != whiteouts.OPAQUE_MARKER:
+            _check_whiteout_target(base)
+        uid, gid = self._host_owner(header)
+        parent_fd = self.tree.open_dir(parent, create=True, owner=self._owner_of_new_dirs)
+        existing = self.tree.lstat(parent_fd, base)
+        if existing is not None:
+            if kind == DIRECTORY and stat.S_ISDIR(existing.st_mode):
+                self._finish_directory(parent_fd, base, parts, header, uid, gid)
+                return
+            self.tree.remove(parent_fd, base, existing)
+        if self.options.whiteouts is WhiteoutMode.APPLY:
+            self._mark_unpacked(parts)
+
+        if kind in (REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE):
+            self._regular_file(parent_fd, base, header, reader, uid, gid)
+        elif kind == DIRECTORY:
+            os.mkdir(base, 0o700, dir_fd=parent_fd)
+            self._finish_directory(parent_fd, base, parts, header, uid, gid)
+        elif kind == SYMLINK:
+            os.symlink(header.linkname, base, dir_fd=parent_fd)
+            self._chown_entry(parent_fd, base, uid, gid)
+            os.utime(base, ns=self._times(header), dir_fd=parent_fd, follow_symlinks=False)
+        elif kind == HARDLINK:
+            self._hardlink(parent_fd, base, header)
+        elif kind in (CHAR, BLOCK_DEVICE):
+            self._device(parent_fd, base, header, uid, gid)
+        elif kind == FIFO:
+            os.mkfifo(base, 0o600, dir_fd=parent_fd)
+            self._finish_special(parent_fd, base, header, uid, gid)
+
+    def _regular_file(self, parent_fd: int, base: str, header: TarHeader, reader: TarReader,
+                      uid: int, gid: int) -> None:
+        fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        try:
+            if header.sparse is not None:
+                self._write_sparse(fd, header, reader)
+            else:
+                for piece in reader.chunks():
+                    _write_all(fd, piece)
+            self._chown_fd(fd, uid, gid)
+            os.fchmod(fd, header.mode)
+            self._set_xattrs(fd, header)
+            os.utime(fd, ns=self._times(header))
+        finally:
+            os.close(fd)
+
+    def _write_sparse(self, fd: int, header: TarHeader, reader: TarReader) -> None:
+        """Writes each stored segment at its offset; the gaps stay holes."""
+        assert header.sparse is not None
+        realsize = header.realsize if header.realsize is not None else header.size
+        stored = sum(length for _, length in header.sparse)
+        if stored != header.size:
+            raise ValueError(f"sparse map covers {stored} bytes but {header.size} are stored")
+        end = 0
+        for offset, length in header.sparse:
+            if offset < end or length < 0 or offset + length > realsize:
+                raise ValueError("sparse map segments overlap or pass the file's size")
+            end = offset + length
+            position = offset
+            for piece in reader.chunks(length):
+                written = 0
+                while written < len(piece):
+                    written += os.pwrite(fd, piece[written:], position + written)
+                position += len(piece)
+        os.ftruncate(fd, realsize)
+
+    def _finish_directory(self, parent_fd: int, base: str, parts: list[str],
+                          header: TarHeader, uid: int, gid: int) -> None:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent_fd)
+        try:
+            self._chown_fd(fd, uid, gid)
+            os.fchmod(fd, header.mode)
+            self._set_xattrs(fd, header)
+        finally:
+            os.close(fd)
+        self._dir_times.append(("/".join(parts), *self._times(header)))
+
+    def _hardlink(self, parent_fd: int, base: str, header: TarHeader) -> None:
+        try:
+            target = split_name(header.linkname, "hardlink target")
+        except ValueError as error:
+            raise ValueError(f"{error}: {header.linkname!r}") from None
+        if not target:
+            raise ValueError("a hardlink to the layer root")
+        target_parent = self.tree.open_dir("/".join(target[:-1]))
+        try:
+            os.link(target[-1], base, src_dir_fd=target_parent, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+        except FileNotFoundError:
+            raise ValueError(f"hardlink target {header.linkname!r} is not in the layer") from None
+        except PermissionError as error:
+            raise ValueError(f"cannot hardlink to {header.linkname!r}: {error.strerror}") from None
+
+    def _device(self, parent_fd: int, base: str, header: TarHeader, uid: int, gid: int) -> None:
+        if not self.options.allow_devices:
+            raise ValueError("device nodes are not allowed in this archive (allow_devices=False)")
+        kind = stat.S_IFCHR if header.typeflag == CHAR else stat.S_IFBLK
+        try:
+            os.mknod(base, kind | 0o600, os.makedev(header.devmajor, header.devminor),
+                     dir_fd=parent_fd)
+        except PermissionError:
+            self._warn_once("devices", "cannot create device nodes here (no CAP_MKNOD); "
+                                       "skipping them, first: %s", header.name)
+            return
+        self._finish_special(parent_fd, base, header, uid, gid)
+
+    def _finish_special(self, parent_fd: int, base: str, header: TarHeader, uid: int,
+                        gid: int) -> None:
+        self._chown_entry(parent_fd, base, uid, gid)
+        os.chmod(base, header.mode, dir_fd=parent_fd)  # not a symlink: it cannot redirect
+        os.utime(base, ns=self._times(header), dir_fd=parent_fd, follow_symlinks=False)
+
+    # ---- whiteouts ------------------------------------------------------------------------
+
+    def _whiteout(self, parent: str, base: str, header: TarHeader) -> None:
+        mode = self.options.whiteouts
+        if base == whiteouts.OPAQUE_MARKER:
+            if mode is WhiteoutMode.OVERLAY:
+                directory = self.tree.open_dir(parent, create=True,
+                                               owner=self._owner_of_new_dirs)
+                os.setxattr(directory, whiteouts.OVERLAY_OPAQUE_XATTR, b"y")
+            else:
+                self._make_opaque(parent)
+            return
+        if base.startswith(whiteouts.META_PREFIX):
+            raise ValueError("an aufs metadata name (.wh..wh.*) is not layer content")
+        target = _check_whiteout_target(base)
+        if mode is WhiteoutMode.OVERLAY:
+            parent_fd = self.tree.open_dir(parent, create=True, owner=self._owner_of_new_dirs)
+            self.tree.remove(parent_fd, target)
+            os.mknod(target, stat.S_IFCHR, 0, dir_fd=parent_fd)
+            uid, gid = self._host_owner(header)
+            self._chown_entry(parent_fd, target, uid, gid)
+            return
+        try:
+            parent_fd = self.tree.open_dir(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # nothing there to delete
+        self.tree.remove(parent_fd, target)
+
+    def _make_opaque(self, parent: str) -> None:
+        """APPLY mode: drop everything under parent that this layer did not unpack."""
+        try:
+            directory = self.tree.open_dir(parent)
+        except FileNotFoundError:
+            raise ValueError(f"opaque marker for a directory {parent!r} that does not exist"
+                             ) from None
+        self._prune(directory, parent)
+
+    def _prune(self, directory: int, relative: str) -> None:
+        for name in sorted(os.listdir(directory)):
+            child = f"{relative}/{name}" if relative else name
+            info = self.tree.lstat(directory, name)
+            if info is None:
+                continue
+            if child not in self._unpacked:
+                self.tree.remove(directory, name, info)
+            elif stat.S_ISDIR(info.st_mode):
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=directory)
+                try:
+                    self._prune(inner, child)
+                finally:
+                    os.close(inner)
+
+    def _mark_unpacked(self, parts: list[str]) -> None:
+        for depth in range(1, len(parts) + 1):
+            self._unpacked.add("/".join(parts[:depth]))
+
+    # ---- attributes -----------------------------------------------------------------------
+
+    def _host_owner(self, header: TarHeader) -> tuple[int, int]:
+        mapping = self.options.id_mapping
+        try:
+            return mapping.uids.to_host(header.uid), mapping.gids.to_host(header.gid)
+        except ValueError as error:
+            raise ValueError(f"owner {header.uid}:{header.gid} has no host id ({error})"
+                             ) from None
+
+    def _chown_fd(self, fd: int, uid: int, gid: int) -> None:
+        try:
+            os.fchown(fd, uid, gid)
+        except PermissionError:
+            if self.is_root:
+                raise
+            self._warn_once("chown", "cannot chown as an unprivileged user; files keep our "
+                                     "own owner, first: uid %s", uid)
+
+    def _chown_entry(self, parent_fd: int, base: str, uid: int, gid: int) -> None:
+        try:
+            os.chown(base, uid, gid, dir_fd=parent_fd, follow_symlinks=False)
+        except PermissionError:
+            if self.is_root:
+                raise
+            self._warn_once("chown", "cannot chown as an unprivileged user; files keep our "
+                                     "own owner, first: uid %s", uid)
+
+    def _set_xattrs(self, fd: int, header: TarHeader) -> None:
+        for name, value in header.xattrs.items():
+            if whiteouts.is_internal_xattr(name):
+                continue
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as error:
+                if error.errno not in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                self._warn_once(f"xattr:{name}", "ignored xattr %s: the filesystem does not "
+                                                 "support it (%s)", name, error.strerror)
+
+    @staticmethod
+    def _times(header: TarHeader) -> tuple[int, int]:
+        atime = header.atime_ns if header.atime_ns is not None else header.mtime_ns
+        return max(atime, header.mtime_ns), header.mtime_ns
+
+    def _set_directory_times(self) -> None:
+        """Directory times go last, deepest first: creating entries inside moves them."""
+        for relative, atime, mtime in reversed(self._dir_times):
+            try:
+                fd = self.tree.open_dir(relative)
+            except OSError:
+                continue  # removed by a later entry
+            os.utime(fd, ns=(atime, mtime))
+
+    def _warn_once(self, key: str, message: str, *arguments: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *arguments)
+
+
+def _check_whiteout_target(base: str) -> str:
+    target = base[len(whiteouts.PREFIX):]
+    if target in ("", ".", ".."):
+        raise ValueError(f"whiteout {base!r} names no entry it could delete")
+    return target
+
+
+def _describe(kind: bytes) -> str:
+    return {HARDLINK: "hardlink", SYMLINK: "symlink", CHAR: "character device",
+            BLOCK_DEVICE: "block device", DIRECTORY: "directory", FIFO: "fifo"}.get(kind, "?")
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def extract(stream: BinaryIO, target: str, options: ExtractOptions) -> ExtractResult:
+    """Unpacks the tar stream into the directory target."""
+    return Extractor(target, options).run(stream)
+
+
+def iter_names(stream: BinaryIO) -> Iterator[str]:
+    """The member names of an archive, for inspection; skips the data."""
+    reader = TarReader(stream)
+    while (header := reader.next()) is not None:
+        yield header.name

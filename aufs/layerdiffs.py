@@ -1,0 +1,207 @@
+"""The diff half of the driver: diff, diff_size, apply_diff, changes and diff_getter, each
+with Docker's fast path (the direct parent) and naive path (any other parent)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
+
+from aufs import _implementation as native
+from aufs.atomic import remove_tree
+from aufs.backends import MountRequest
+from aufs.beneath import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
+from aufs.changes import Change, ChangeKind, changes_size, layered_changes, tree_changes
+from aufs.errors import AufsError, DiffError, LayerNotFoundError
+from aufs.export import ExportOptions, TarPipe, write_entries, write_tree
+from aufs.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.ids import validate_layer_id
+from aufs.staging import clone_tree, exchange
+
+if TYPE_CHECKING:
+    from aufs.driver import Driver
+
+
+class FileGetter:
+    """Opens files of one layer's branch by their archive name, never outside it (tar-split
+    rebuilds a layer's original tar from these). Close it, or use it as a context manager."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def get(self, name: str) -> BinaryIO:
+        fd = native.openat2(self._fd, name.lstrip("/"), os.O_RDONLY | os.O_CLOEXEC, 0,
+                            RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        return os.fdopen(fd, "rb")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileGetter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LayerDiffs:
+    """Diff operations over one driver's store."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.store = driver.store
+
+    # ---- which path ----------------------------------------------------------------------
+
+    def is_parent(self, layer_id: str, parent: str) -> bool:
+        """Docker's isParent: the fast path serves a base layer for any parent, and a child
+        only for its direct parent."""
+        try:
+            parents = self.store.parent_ids(layer_id)
+        except AufsError:
+            parents = []
+        if not parent and parents:
+            return False
+        return not (parents and parent != parents[0])
+
+    def _check(self, layer_id: str, parent: str) -> tuple[str, str]:
+        layer_id = validate_layer_id(layer_id)
+        parent = validate_layer_id(parent, "parent id") if parent else ""
+        if not self.store.exists(layer_id):
+            raise LayerNotFoundError(f"layer {layer_id!r} does not exist in {self.store.root}")
+        if parent and not self.store.exists(parent):
+            raise LayerNotFoundError(f"parent {parent!r} does not exist in {self.store.root}")
+        return layer_id, parent
+
+    def _export_options(self) -> ExportOptions:
+        return ExportOptions(id_mapping=self.driver.id_mapping)
+
+    # ---- changes and sizes ---------------------------------------------------------------
+
+    def changes(self, layer_id: str, parent: str = "") -> list[Change]:
+        layer_id, parent = self._check(layer_id, parent)
+        if self.is_parent(layer_id, parent):
+            parents = self.store.parent_ids(layer_id)
+            return layered_changes(self.store.diff_path(layer_id),
+                                   [self.store.diff_path(p) for p in parents])
+        with self._mounted_pair(layer_id, parent) as (layer_fs, parent_fs):
+            return tree_changes(layer_fs, parent_fs)
+
+    def diff_size(self, layer_id: str, parent: str = "") -> int:
+        layer_id, parent = self._check(layer_id, parent)
+        if self.is_parent(layer_id, parent):
+            return native.directory_size(self.store.diff_path(layer_id))
+        with self._mounted_pair(layer_id, parent) as (layer_fs, parent_fs):
+            return changes_size(layer_fs, tree_changes(layer_fs, parent_fs))
+
+    @contextlib.contextmanager
+    def _mounted_pair(self, layer_id: str, parent: str):  # type: ignore[no-untyped-def]
+        layer_fs = self.driver.get(layer_id)
+        try:
+            if not parent:
+                yield layer_fs, None
+                return
+            parent_fs = self.driver.get(parent)
+            try:
+                yield layer_fs, parent_fs
+            finally:
+                self.driver.put(parent)
+        finally:
+            self.driver.put(layer_id)
+
+    # ---- diff ----------------------------------------------------------------------------
+
+    def diff(self, layer_id: str, parent: str = "") -> BinaryIO:
+        """An uncompressed tar in AUFS whiteout format; close it when done."""
+        layer_id, parent = self._check(layer_id, parent)
+        options = self._export_options()
+        if self.is_parent(layer_id, parent):
+            branch = self.store.diff_path(layer_id)
+            return self._stream(lambda out: write_tree(branch, out, options))
+        layer_fs = self.driver.get(layer_id)
+        parent_fs = None
+        try:
+            parent_fs = self.driver.get(parent) if parent else None
+            changes = tree_changes(layer_fs, parent_fs)
+        except BaseException:
+            if parent_fs is not None:
+                self.driver.put(parent)
+            self.driver.put(layer_id)
+            raise
+        if parent:
+            self.driver.put(parent)
+        entries = [(c.path, c.kind is ChangeKind.DELETE) for c in sorted(changes)]
+        return self._stream(lambda out: write_entries(layer_fs, entries, out, options),
+                            on_close=lambda: self.driver.put(layer_id))
+
+    @staticmethod
+    def _stream(produce: Callable[[int], None],
+                on_close: Callable[[], None] | None = None) -> BinaryIO:
+        return io.BufferedReader(TarPipe(produce, on_close), buffer_size=1 << 16)
+
+    # ---- apply ---------------------------------------------------------------------------
+
+    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO, *,
+                   allow_devices: bool = True) -> int:
+        """Unpacks stream into the layer. Fast path: the branch's new apparent size; naive
+        path: the sum of the archive's entry sizes. A failure leaves the layer as it was."""
+        layer_id, parent = self._check(layer_id, parent)
+        driver = self.driver
+        with driver._id_locks.hold(layer_id):
+            if driver._references.count(layer_id) or driver._backend.is_mounted(
+                    self.store.mount_path(layer_id)):
+                raise DiffError(f"layer {layer_id!r} is mounted: put it before applying a diff")
+            fast = self.is_parent(layer_id, parent)
+            with self.store.staging("apply") as staging:
+                tree = os.path.join(staging, "tree")
+                clone_tree(self.store.diff_path(layer_id), tree)
+                if fast:
+                    mode = (WhiteoutMode.OVERLAY if driver.whiteout_format == "overlay"
+                            else WhiteoutMode.LITERAL)
+                    extract(stream, tree, ExtractOptions(mode, driver.id_mapping, allow_devices))
+                    size = None
+                else:
+                    size = self._apply_through_union(layer_id, staging, tree, stream,
+                                                     allow_devices)
+                with driver._root_lock.hold():
+                    exchange(tree, self.store.diff_path(layer_id))
+                remove_tree(tree)
+        if size is None:
+            return native.directory_size(self.store.diff_path(layer_id))
+        return size
+
+    def _apply_through_union(self, layer_id: str, staging: str, tree: str, stream: BinaryIO,
+                             allow_devices: bool) -> int:
+        """Docker's naive ApplyDiff: unpack into the mounted union with whiteouts applied as
+        deletions, here into a private mount whose upper dir is the staging clone."""
+        parents = self.store.parent_ids(layer_id)
+        if not parents:
+            result = extract(stream, tree, ExtractOptions(WhiteoutMode.APPLY,
+                                                          self.driver.id_mapping, allow_devices))
+            return result.header_bytes
+        target = os.path.join(staging, "mnt")
+        work = os.path.join(staging, "work")
+        os.mkdir(target)
+        os.mkdir(work)
+        backend = self.driver._backend
+        request = MountRequest(layer_id=layer_id, upper=tree,
+                               lowers=tuple(self.store.diff_path(p) for p in parents),
+                               target=target, work=work if backend.needs_work_dir else None)
+        backend.mount(request)
+        try:
+            result = extract(stream, target, ExtractOptions(WhiteoutMode.APPLY,
+                                                            self.driver.id_mapping,
+                                                            allow_devices))
+        finally:
+            backend.before_unmount(target)
+            backend.unmount(target, 0)
+        return result.header_bytes
+
+    def diff_getter(self, layer_id: str) -> FileGetter:
+        layer_id, _ = self._check(layer_id, "")
+        return FileGetter(self.store.diff_path(layer_id))

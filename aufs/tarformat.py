@@ -1,0 +1,315 @@
+"""The tar format: parsing one header block, PAX records and GNU sparse maps, and building
+headers. Strict on purpose: a layer archive is untrusted input.
+
+Only the byte layout lives here; the stream handling is in tarstream.py.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+
+REGULAR, REGULAR_OLD, CONTIGUOUS = b"0", b"\0", b"7"
+HARDLINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
+PAX_LOCAL, PAX_GLOBAL = b"x", b"g"
+GNU_LONGNAME, GNU_LONGLINK, GNU_SPARSE = b"L", b"K", b"S"
+HEADER_ONLY_TYPES = frozenset({HARDLINK, SYMLINK, CHAR, BLOCK_DEVICE, DIRECTORY, FIFO})
+FILE_TYPES = frozenset({REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE}) | HEADER_ONLY_TYPES
+
+MAX_EXTENDED_HEADER = 1 << 20  # a PAX or GNU long-name header larger than this is hostile
+
+
+class TarFormatError(ValueError):
+    """A header or record that is not valid tar; the reader names the entry."""
+
+
+@dataclass
+class TarHeader:
+    """One member as the archive describes it, after PAX and GNU extensions are applied."""
+
+    name: str
+    typeflag: bytes
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0  # bytes of data stored in the archive
+    mtime_ns: int = 0
+    atime_ns: int | None = None
+    linkname: str = ""
+    uname: str = ""
+    gname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    sparse: list[tuple[int, int]] | None = None  # (offset, length) segments of the real file
+    realsize: int | None = None  # the real size of a sparse file
+
+
+def _text(raw: bytes) -> str:
+    return os.fsdecode(raw.split(b"\0", 1)[0])
+
+
+def parse_number(raw: bytes, what: str) -> int:
+    """An octal field (space or NUL terminated) or a GNU base-256 one."""
+    if raw and raw[0] & 0x80:
+        value = int.from_bytes(raw[1:], "big")
+        if raw[0] == 0xFF:  # negative base-256
+            value -= 1 << (8 * (len(raw) - 1))
+        elif raw[0] != 0x80:
+            raise TarFormatError(f"bad base-256 {what} field")
+        return value
+    text = raw.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f"bad {what} field {raw!r}") from None
+
+
+def checksum_matches(block: bytes) -> bool:
+    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
+    if not stored:
+        return False
+    try:
+        expected = int(stored, 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 256
+    return expected in (unsigned, signed)
+
+
+def parse_header(block: bytes) -> TarHeader:
+    """The fields of one 512-byte header block (no extensions applied yet)."""
+    if not checksum_matches(block):
+        raise TarFormatError("header checksum mismatch (not a tar archive, or corrupt)")
+    magic = block[257:265]
+    name = block[0:100]
+    gnu = magic == b"ustar  \0"
+    if magic[:6] == b"ustar\0" and block[345] != 0:  # POSIX prefix field
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    header = TarHeader(
+        name=_text(name),
+        typeflag=block[156:157],
+        mode=parse_number(block[100:108], "mode") & 0o7777,
+        uid=parse_number(block[108:116], "uid"),
+        gid=parse_number(block[116:124], "gid"),
+        size=parse_number(block[124:136], "size"),
+        mtime_ns=parse_number(block[136:148], "mtime") * 1_000_000_000,
+        linkname=_text(block[157:257]),
+        uname=_text(block[265:297]),
+        gname=_text(block[297:329]),
+        devmajor=parse_number(block[329:337], "devmajor"),
+        devminor=parse_number(block[337:345], "devminor"),
+    )
+    if header.size < 0:
+        raise TarFormatError(f"negative size {header.size}")
+    if gnu and header.typeflag == GNU_SPARSE:
+        header.sparse = parse_gnu_sparse_entries(block[386:482])
+        header.realsize = parse_number(block[483:495], "realsize")
+    return header
+
+
+def gnu_sparse_is_extended(block: bytes) -> bool:
+    """Whether an old-GNU sparse header (or extension block) is followed by another."""
+    return block[482] != 0
+
+
+def parse_gnu_sparse_entries(raw: bytes) -> list[tuple[int, int]]:
+    segments = []
+    for start in range(0, len(raw) - 23, 24):
+        offset_raw, length_raw = raw[start:start + 12], raw[start + 12:start + 24]
+        if not offset_raw.strip(b"\0"):
+            break
+        segments.append((parse_number(offset_raw, "sparse offset"),
+                         parse_number(length_raw, "sparse length")))
+    return segments
+
+
+def parse_pax(data: bytes) -> dict[str, bytes]:
+    """PAX records: "<length> <key>=<value>\\n", each length counting the whole record."""
+    records: dict[str, bytes] = {}
+    position = 0
+    while position < len(data):
+        if data[position] == 0:  # NUL padding at the end
+            if data[position:].strip(b"\0"):
+                raise TarFormatError("data after NUL padding in a PAX header")
+            break
+        space = data.find(b" ", position, position + 21)
+        if space < 0:
+            raise TarFormatError("PAX record without a length")
+        try:
+            length = int(data[position:space])
+        except ValueError:
+            raise TarFormatError("PAX record length is not a number") from None
+        end = position + length
+        if length <= space - position + 1 or end > len(data) or data[end - 1] != 0x0A:
+            raise TarFormatError("PAX record length does not match its content")
+        key, separator, value = data[space + 1:end - 1].partition(b"=")
+        if not separator or not key:
+            raise TarFormatError("PAX record without key=value")
+        records[key.decode("utf-8", "surrogateescape")] = value
+        position = end
+    return records
+
+
+def parse_decimal(value: bytes, what: str) -> int:
+    text = value.decode("ascii", "replace")
+    if not text.isdigit():
+        raise TarFormatError(f"PAX {what} {text!r} is not a decimal number")
+    return int(text)
+
+
+def parse_pax_time(value: bytes, what: str) -> int:
+    """A PAX time ("seconds[.fraction]", maybe negative) in nanoseconds."""
+    text = value.decode("ascii", "replace")
+    negative = text.startswith("-")
+    whole, _, fraction = text.lstrip("-").partition(".")
+    if not whole.isdigit() or (fraction and not fraction.isdigit()):
+        raise TarFormatError(f"PAX {what} {text!r} is not a time")
+    nanoseconds = int(whole) * 1_000_000_000 + int((fraction + "000000000")[:9] or 0)
+    return -nanoseconds if negative else nanoseconds
+
+
+def apply_pax(header: TarHeader, records: dict[str, bytes]) -> None:
+    """Overrides header fields with PAX records (POSIX: the records win)."""
+    for key, value in records.items():
+        if key == "path":
+            header.name = os.fsdecode(value)
+        elif key == "linkpath":
+            header.linkname = os.fsdecode(value)
+        elif key == "size":
+            header.size = parse_decimal(value, "size")
+        elif key == "uid":
+            header.uid = parse_decimal(value, "uid")
+        elif key == "gid":
+            header.gid = parse_decimal(value, "gid")
+        elif key == "uname":
+            header.uname = value.decode("utf-8", "replace")
+        elif key == "gname":
+            header.gname = value.decode("utf-8", "replace")
+        elif key == "mtime":
+            header.mtime_ns = parse_pax_time(value, "mtime")
+        elif key == "atime":
+            header.atime_ns = parse_pax_time(value, "atime")
+        elif key.startswith("SCHILY.xattr."):
+            header.xattrs[key[len("SCHILY.xattr."):]] = value
+        elif key == "GNU.sparse.realsize" or key == "GNU.sparse.size":
+            header.realsize = parse_decimal(value, key)
+        elif key == "GNU.sparse.name":
+            header.name = os.fsdecode(value)
+        elif key == "GNU.sparse.major":
+            if value != b"1":
+                raise TarFormatError("only GNU sparse format 1.0 is supported (tar --sparse "
+                                     "--format=posix writes it)")
+            header.sparse = []  # the map is at the start of the data
+
+
+def parse_sparse_map_1_0(data: bytes) -> tuple[list[tuple[int, int]], int]:
+    """GNU sparse 1.0: decimal numbers, one per line, at the start of the member's data:
+    the count, then offset and length pairs; padded to a block. Returns (map, bytes used)."""
+    lines = data.split(b"\n")[:-1]  # only lines whose newline has arrived
+    try:
+        count = int(lines[0])
+        numbers = [int(line) for line in lines[1:1 + 2 * count]]
+    except (ValueError, IndexError):
+        raise TarFormatError("unreadable GNU sparse 1.0 map") from None
+    if len(numbers) != 2 * count or count < 0:
+        raise TarFormatError("truncated GNU sparse 1.0 map")
+    used = sum(len(line) + 1 for line in lines[:1 + 2 * count])
+    used = -(-used // BLOCK) * BLOCK
+    return [(numbers[i], numbers[i + 1]) for i in range(0, len(numbers), 2)], used
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def _octal(value: int, width: int) -> bytes | None:
+    text = b"%0*o" % (width - 1, value)
+    return text + b"\0" if len(text) < width else None
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode("utf-8", "surrogateescape") + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length = len(str(length)) + len(body)
+    return str(length).encode() + body
+
+
+def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) for a ustar header, or None when only PAX can carry it."""
+    if len(name) <= 100:
+        return b"", name
+    cut = name.rfind(b"/", 0, 156)
+    while cut > 0:
+        if len(name) - cut - 1 <= 100:
+            return name[:cut], name[cut + 1:]
+        cut = name.rfind(b"/", 0, cut)
+    return None
+
+
+def build_header(header: TarHeader) -> bytes:
+    """The blocks of one member's header: a PAX header first when ustar cannot hold it."""
+    pax: list[bytes] = []
+    name = os.fsencode(header.name)
+    split = _split_ustar_name(name)
+    if split is None or not _is_ascii(name):
+        pax.append(_pax_record("path", name))
+        split = (b"", name[:100])
+    linkname = os.fsencode(header.linkname)
+    if len(linkname) > 100 or not _is_ascii(linkname):
+        pax.append(_pax_record("linkpath", linkname))
+        linkname = linkname[:100]
+    fields = {}
+    for key, value, width in (("uid", header.uid, 8), ("gid", header.gid, 8),
+                              ("size", header.size, 12)):
+        encoded = _octal(value, width) if value >= 0 else None
+        if encoded is None:
+            pax.append(_pax_record(key, str(value).encode()))
+            encoded = _octal(0, width)
+        fields[key] = encoded
+    mtime_seconds = header.mtime_ns // 1_000_000_000
+    mtime = _octal(mtime_seconds, 12) if mtime_seconds >= 0 else None
+    if mtime is None:
+        pax.append(_pax_record("mtime", str(mtime_seconds).encode()))
+        mtime = _octal(0, 12)
+    for key in sorted(header.xattrs):
+        pax.append(_pax_record(f"SCHILY.xattr.{key}", header.xattrs[key]))
+
+    block = bytearray(BLOCK)
+    prefix, short = split
+    block[0:len(short)] = short
+    block[100:108] = _octal(header.mode & 0o7777, 8) or b""
+    block[108:116] = fields["uid"] or b""
+    block[116:124] = fields["gid"] or b""
+    block[124:136] = fields["size"] or b""
+    block[136:148] = mtime or b""
+    block[156:157] = header.typeflag
+    block[157:157 + len(linkname)] = linkname
+    block[257:265] = b"ustar\x0000"
+    uname, gname = header.uname.encode()[:31], header.gname.encode()[:31]
+    block[265:265 + len(uname)] = uname
+    block[297:297 + len(gname)] = gname
+    block[329:337] = _octal(header.devmajor, 8) or _octal(0, 8) or b""
+    block[337:345] = _octal(header.devminor, 8) or _octal(0, 8) or b""
+    block[345:345 + len(prefix)] = prefix
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    if not pax:
+        return bytes(block)
+    records = b"".join(pax)
+    pax_header = TarHeader(name="PaxHeader", typeflag=PAX_LOCAL, size=len(records))
+    return build_header(pax_header) + records + padding(len(records)) + bytes(block)
+
+
+def padding(size: int) -> bytes:
+    return bytes(-size % BLOCK)
+
+
+def _is_ascii(raw: bytes) -> bool:
+    return all(byte < 0x80 for byte in raw)
