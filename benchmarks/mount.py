@@ -46,7 +46,7 @@ def main(arguments: list[str]) -> None:
                 driver.get(layer)
                 driver.put(layer)
 
-            raw = median_seconds(lambda: raw_overlay(overlay, top), repeat, warmup=3)
+            raw = median_seconds(lambda top=top: raw_overlay(overlay, top), repeat, warmup=3)
             ours = median_seconds(get_put, repeat, warmup=3)
             rows = [("raw fsmount + umount2 (peer)", raw, ""),
                     ("Driver.get + put, overlay", ours,
@@ -54,7 +54,8 @@ def main(arguments: list[str]) -> None:
             if fuse is not None and depth <= 100:
                 fuse_top = build_chain(fuse, depth)
                 rows.append(("Driver.get + put, fuse-overlayfs",
-                             median_seconds(lambda: get_put(fuse, fuse_top), 5, warmup=1), ""))
+                             median_seconds(lambda top=fuse_top: get_put(fuse, top), 5,
+                                            warmup=1), ""))
             report(f"get + put of a {depth}-layer chain (ratio to the raw syscalls)", rows, raw)
         overlay.cleanup()
         if fuse is not None:
