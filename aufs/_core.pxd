@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Declarations of the plain-C core in csrc/aufs_core.h, for aufs/_native.pyx only."""
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef extern from "aufs_core.h" nogil:
@@ -33,6 +33,33 @@ cdef extern from "aufs_core.h" nogil:
                      unsigned long long resolve)
     int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd,
                        const char *new_path, unsigned int flags)
+
+    struct aufs_io_request:
+        int fd
+        int out_fd
+        const unsigned char *bytes
+        size_t bytes_size
+        uint64_t copy_size
+        size_t padding
+        int set_owner
+        unsigned int uid
+        unsigned int gid
+        int set_mode
+        unsigned int mode
+        int set_times
+        int64_t atime_ns
+        int64_t mtime_ns
+        int close_fd
+        const char *name
+
+    struct aufs_io_queue:
+        pass
+
+    int aufs_io_run(const aufs_io_request *request)
+    int aufs_io_open(aufs_io_queue **queue, size_t max_pending, size_t max_pending_bytes)
+    int aufs_io_submit(aufs_io_queue *queue, const aufs_io_request *request)
+    int aufs_io_error(aufs_io_queue *queue, char *name, size_t name_size)
+    int aufs_io_close(aufs_io_queue *queue, char *name, size_t name_size)
 
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                             char *error_path, size_t error_path_size)

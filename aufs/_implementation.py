@@ -34,6 +34,7 @@ else:
     _chosen = _choose()
 
 IMPLEMENTATION: str = _chosen.IMPLEMENTATION
+IOQueue = _chosen.IOQueue
 aufs_mount_data = _chosen.aufs_mount_data
 directory_size = _chosen.directory_size
 fs_magic = _chosen.fs_magic
@@ -47,6 +48,7 @@ unmount = _chosen.unmount
 
 __all__ = [
     "IMPLEMENTATION",
+    "IOQueue",
     "aufs_mount_data",
     "directory_size",
     "fs_magic",

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable, Sequence
 
+from aufs._fallback import IOQueue as IOQueue
 from aufs._fallback import PathArg
 
 IMPLEMENTATION: str

@@ -9,8 +9,9 @@ import os
 import operator
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.string cimport memset
 from libc.errno cimport ENOENT
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
@@ -232,6 +233,89 @@ def renameat2(old_dirfd, old_path, new_dirfd, new_path, flags=0):
         rc = core.aufs_renameat2(old_dir, old_c, new_dir, new_c, flags_c)
     if rc < 0:
         raise _os_error(-rc, old_path)
+
+
+cdef class IOQueue:
+    """File I/O jobs run in order by a C thread, without the GIL. See aufs/_fallback.py."""
+
+    cdef core.aufs_io_queue *queue
+
+    def __cinit__(self, size_t max_pending=256, size_t max_pending_bytes=64 << 20):
+        cdef int rc = core.aufs_io_open(&self.queue, max_pending, max_pending_bytes)
+        if rc < 0:
+            self.queue = NULL
+            raise _os_error(-rc, None)
+
+    def __dealloc__(self):
+        if self.queue != NULL:
+            with nogil:
+                core.aufs_io_close(self.queue, NULL, 0)
+            self.queue = NULL
+
+    cdef _submit(self, core.aufs_io_request *request):
+        cdef int rc
+        cdef char name[512]
+        if self.queue == NULL:
+            raise ValueError("the I/O queue is closed")
+        with nogil:
+            rc = core.aufs_io_submit(self.queue, request)
+        if rc < 0:
+            core.aufs_io_error(self.queue, name, sizeof(name))
+            raise _io_error(-rc, name)
+
+    def finish_file(self, int fd, bytes data, owner, int mode, int64_t atime_ns,
+                    int64_t mtime_ns, str name):
+        """Write data into fd, chown to owner (None: leave it), chmod, set times, close."""
+        cdef core.aufs_io_request request
+        cdef bytes encoded = os.fsencode(name)
+        memset(&request, 0, sizeof(request))
+        request.fd = fd
+        request.out_fd = -1
+        request.bytes = data
+        request.bytes_size = len(data)
+        if owner is not None:
+            request.set_owner = 1
+            request.uid, request.gid = owner
+        request.set_mode = 1
+        request.mode = mode
+        request.set_times = 1
+        request.atime_ns = atime_ns
+        request.mtime_ns = mtime_ns
+        request.close_fd = 1
+        request.name = encoded
+        self._submit(&request)
+
+    def write(self, int out_fd, bytes data, int fd=-1, uint64_t copy_size=0, size_t padding=0,
+              str name=""):
+        """Write data to out_fd, then copy_size bytes of fd and padding zeros; close fd."""
+        cdef core.aufs_io_request request
+        cdef bytes encoded = os.fsencode(name)
+        memset(&request, 0, sizeof(request))
+        request.fd = fd
+        request.out_fd = out_fd
+        request.bytes = data
+        request.bytes_size = len(data)
+        request.copy_size = copy_size
+        request.padding = padding
+        request.close_fd = fd >= 0
+        request.name = encoded
+        self._submit(&request)
+
+    def close(self):
+        """Waits for every job; raises the first failure as OSError naming its entry."""
+        cdef int rc
+        cdef char name[512]
+        if self.queue == NULL:
+            return
+        with nogil:
+            rc = core.aufs_io_close(self.queue, name, sizeof(name))
+        self.queue = NULL
+        if rc < 0:
+            raise _io_error(-rc, name)
+
+
+cdef object _io_error(int error, const char *name):
+    return OSError(error, os.strerror(error), os.fsdecode(<bytes>name))
 
 
 def fs_magic(path):

@@ -160,10 +160,13 @@ def layered_changes(branch: str, parent_branches: Sequence[str]) -> list[Change]
     changes: list[Change] = []
     if not os.path.isdir(branch):
         return []
-    pending = [""]
+    # (path, hidden): hidden when this dir or one above it is opaque in the branch, so the
+    # parents' entries below it are not seen through it
+    pending: list[tuple[str, bool]] = [("", False)]
     while pending:
-        relative = pending.pop()
+        relative, hidden = pending.pop()
         directory = os.path.join(branch, relative)
+        hidden = hidden or ParentStack._is_opaque(directory)
         names = _listdir(directory)
         present = set()
         for name in names:
@@ -191,8 +194,8 @@ def layered_changes(branch: str, parent_branches: Sequence[str]) -> list[Change]
             elif _entry_differs(lower[0], lower[1], path, info):
                 changes.append(Change("/" + child, ChangeKind.MODIFY))
             if stat.S_ISDIR(info.st_mode):
-                pending.append(child)
-        if ParentStack._is_opaque(directory):
+                pending.append((child, hidden))
+        if hidden:
             for name in parents.children(relative):
                 if name not in present:
                     changes.append(Change("/" + _join(relative, name), ChangeKind.DELETE))

@@ -7,7 +7,9 @@ top (`.wh..wh.aufs`, `.wh..wh.plnk/`, `.wh..wh.orph/`) is left out, as Docker's 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import logging
 import os
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from aufs import _implementation as native
 from aufs import whiteouts
 from aufs.errors import DiffError
 from aufs.idmap import IdentityMapping
@@ -31,7 +34,6 @@ from aufs.tarformat import (
     ZERO_BLOCK,
     TarHeader,
     build_header,
-    padding,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FLUSH_AT = 64 * 1024
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 
 @dataclass
@@ -49,30 +53,44 @@ class ExportOptions:
 
 
 class TarWriter:
-    """Headers are buffered; file data goes straight from the file with sendfile(2)."""
+    """The walking thread builds headers and opens files; a background thread writes them
+    out in order, file data straight from the file with sendfile(2)."""
 
     def __init__(self, out_fd: int, options: ExportOptions) -> None:
         self.out_fd = out_fd
         self.options = options
         self._pending = bytearray()
         self._links: dict[tuple[int, int], str] = {}
-        self._sendfile = True
-
-    def _flush(self) -> None:
-        with memoryview(self._pending) as view:
-            written = 0
-            while written < len(view):
-                written += os.write(self.out_fd, view[written:])
-        self._pending.clear()
+        self._io = native.IOQueue()
+        self._padding_due = 0  # zeros owed after the last file's data, sent with what follows
 
     def _emit(self, data: bytes) -> None:
         self._pending += data
         if len(self._pending) >= FLUSH_AT:
-            self._flush()
+            self._submit(bytes(self._pending))
+            self._pending.clear()
+
+    def _submit(self, headers: bytes, fd: int = -1, size: int = 0, name: str = "") -> None:
+        """Queues headers (after the previous file's padding) and a file's data."""
+        try:
+            self._io.write(self.out_fd, bytes(self._padding_due) + headers, fd, size, 0, name)
+        except OSError as error:
+            raise _io_failure(error) from error
+        self._padding_due = -size % 512
 
     def close(self) -> None:
         self._emit(ZERO_BLOCK * 2)
-        self._flush()
+        self._submit(bytes(self._pending))
+        self._pending.clear()
+        try:
+            self._io.close()
+        except OSError as error:
+            raise _io_failure(error) from error
+
+    def abort(self) -> None:
+        """Stops after an error elsewhere; queued jobs still close their fds."""
+        with contextlib.suppress(OSError):
+            self._io.close()
 
     def add_whiteout(self, name: str, info: os.stat_result | None = None) -> None:
         """A `.wh.` entry; Docker gives converted ones mode 0600 and the device's owner."""
@@ -102,7 +120,6 @@ class TarWriter:
                            uid=uid, gid=gid,
                            mtime_ns=info.st_mtime_ns - info.st_mtime_ns % 1_000_000_000)
         mode = info.st_mode
-        data_fd = -1
         if stat.S_ISDIR(mode):
             header.typeflag = DIRECTORY
             header.name = name.rstrip("/") + "/"
@@ -124,41 +141,30 @@ class TarWriter:
                 self._emit(build_header(header))
                 return
             self._links[(info.st_dev, info.st_ino)] = name
-        if stat.S_ISREG(mode):
-            header.size = info.st_size
-            data_fd = os.open(base, READ_FLAGS, dir_fd=parent_fd)
-        try:
-            header.xattrs = _exported_xattrs(data_fd if data_fd >= 0 else None, parent_fd,
-                                             base, mode)
+        if not stat.S_ISREG(mode):
+            header.xattrs = _exported_xattrs(None, parent_fd, base, mode)
             self._emit(build_header(header))
-            if data_fd >= 0:
-                self._copy(data_fd, info.st_size, name)
-        finally:
-            if data_fd >= 0:
-                os.close(data_fd)
+            return
+        header.size = info.st_size
+        data_fd = os.open(base, READ_FLAGS, dir_fd=parent_fd)
+        try:
+            header.xattrs = _exported_xattrs(data_fd, parent_fd, base, mode)
+            self._emit(build_header(header))
+        except BaseException:
+            os.close(data_fd)
+            raise
+        headers = bytes(self._pending)
+        self._pending.clear()
+        self._submit(headers, data_fd, info.st_size, name)
 
-    def _copy(self, fd: int, size: int, name: str) -> None:
-        self._flush()
-        sent = 0
-        while sent < size:
-            count = 0
-            if self._sendfile:
-                try:
-                    count = os.sendfile(self.out_fd, fd, sent, size - sent)
-                except OSError as error:
-                    if error.errno not in (errno.EINVAL, errno.ENOSYS):
-                        raise
-                    self._sendfile = False
-            if not self._sendfile:
-                chunk = os.pread(fd, min(1 << 20, size - sent), sent)
-                count = len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(self.out_fd, view):]
-            if count == 0:
-                raise DiffError(f"entry {name!r}: the file shrank while it was archived")
-            sent += count
-        self._emit(padding(size))
+
+def _io_failure(error: OSError) -> Exception:
+    """A failed write of the archive: the reader left (EPIPE, kept as is) or an entry failed."""
+    if error.errno == errno.EPIPE:
+        return error
+    if error.errno == errno.ENODATA:
+        return DiffError(f"entry {error.filename!r}: the file shrank while it was archived")
+    return DiffError(f"entry {error.filename!r}: {error.strerror}")
 
 
 def _exported_xattrs(fd: int | None, parent_fd: int, base: str, mode: int) -> dict[str, bytes]:
@@ -223,6 +229,9 @@ def write_tree(root: str, out_fd: int, options: ExportOptions) -> None:
                     writer.add_opaque_marker(name, info)
                 stack.append((child_fd, f"{name}/", iter(children)))
         writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         for fd, _, _ in stack:
             os.close(fd)
@@ -250,6 +259,9 @@ def write_entries(root: str, names: Iterable[tuple[str, bool]], out_fd: int,
                 if parent_fd != root_fd:
                     os.close(parent_fd)
         writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         os.close(root_fd)
 
@@ -263,6 +275,8 @@ class TarPipe(io.RawIOBase):
                  on_close: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # fewer wake-ups with a 1 MiB pipe
+            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
         self._error: BaseException | None = None
         self._on_close = on_close
         self._thread = threading.Thread(target=self._run, args=(produce, write_fd),

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from aufs import _implementation as native
 from aufs import whiteouts
 from aufs.beneath import BeneathRoot
 from aufs.errors import DiffError
@@ -44,6 +45,7 @@ from aufs.tarstream import TarReader
 log = logging.getLogger(__name__)
 
 PATH_MAX = 4096
+BACKGROUND_LIMIT = 4 << 20  # smaller files are written by the I/O queue's own thread
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -92,6 +94,7 @@ class Extractor:
         self._unpacked: set[str] = set()  # APPLY mode: what this layer put there
         self._warned: set[str] = set()
         self._owner_of_new_dirs = options.id_mapping.root_pair
+        self._io = native.IOQueue()
 
     def run(self, stream: BinaryIO) -> ExtractResult:
         reader = TarReader(stream)
@@ -116,10 +119,22 @@ class Extractor:
                     raise DiffError(f"entry {name!r}: {error.strerror or error}") from error
                 self.result.entries += 1
                 self.result.header_bytes += header.realsize or header.size
+            self._finish_io()
             self._set_directory_times()
         finally:
-            self.tree.close()
+            try:
+                self._io.close()
+            except OSError:
+                pass  # an error is already on its way
+            finally:
+                self.tree.close()
         return self.result
+
+    def _finish_io(self) -> None:
+        try:
+            self._io.close()
+        except OSError as error:
+            raise DiffError(f"entry {error.filename!r}: {error.strerror}") from error
 
     # ---- one entry ------------------------------------------------------------------------
 
@@ -145,18 +160,24 @@ class Extractor:
             _check_whiteout_target(base)
         uid, gid = self._host_owner(header)
         parent_fd = self.tree.open_dir(parent, create=True, owner=self._owner_of_new_dirs)
+        if self.options.whiteouts is WhiteoutMode.APPLY:
+            self._mark_unpacked(parts)
+        if kind in (REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE):
+            # the common case costs no lstat: O_EXCL tells whether something is in the way
+            try:
+                fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+            except FileExistsError:
+                self.tree.remove(parent_fd, base)
+                fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+            self._regular_file(fd, header, reader, uid, gid)
+            return
         existing = self.tree.lstat(parent_fd, base)
         if existing is not None:
             if kind == DIRECTORY and stat.S_ISDIR(existing.st_mode):
                 self._finish_directory(parent_fd, base, parts, header, uid, gid)
                 return
             self.tree.remove(parent_fd, base, existing)
-        if self.options.whiteouts is WhiteoutMode.APPLY:
-            self._mark_unpacked(parts)
-
-        if kind in (REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE):
-            self._regular_file(parent_fd, base, header, reader, uid, gid)
-        elif kind == DIRECTORY:
+        if kind == DIRECTORY:
             os.mkdir(base, 0o700, dir_fd=parent_fd)
             self._finish_directory(parent_fd, base, parts, header, uid, gid)
         elif kind == SYMLINK:
@@ -171,21 +192,39 @@ class Extractor:
             os.mkfifo(base, 0o600, dir_fd=parent_fd)
             self._finish_special(parent_fd, base, header, uid, gid)
 
-    def _regular_file(self, parent_fd: int, base: str, header: TarHeader, reader: TarReader,
-                      uid: int, gid: int) -> None:
-        fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+    def _regular_file(self, fd: int, header: TarHeader, reader: TarReader, uid: int,
+                      gid: int) -> None:
+        """Small files are handed whole to the I/O thread; big and sparse ones are written
+        here, streaming, so memory stays bounded."""
+        if header.sparse is None and not header.xattrs and header.size <= BACKGROUND_LIMIT:
+            data = reader.read_data(header.size) if header.size else b""
+            owner = (uid, gid) if self.is_root else self._owner_we_may_set(uid, gid)
+            try:
+                self._io.finish_file(fd, data, owner, header.mode, *self._times(header),
+                                     header.name)
+            except OSError as error:  # an earlier file's failure, reported now
+                raise DiffError(f"entry {error.filename!r}: {error.strerror}") from error
+            return
         try:
             if header.sparse is not None:
                 self._write_sparse(fd, header, reader)
             else:
                 for piece in reader.chunks():
                     _write_all(fd, piece)
+            # in this order: chown and writes drop file capabilities, chown drops setuid
             self._chown_fd(fd, uid, gid)
             os.fchmod(fd, header.mode)
             self._set_xattrs(fd, header)
             os.utime(fd, ns=self._times(header))
         finally:
             os.close(fd)
+
+    def _owner_we_may_set(self, uid: int, gid: int) -> tuple[int, int] | None:
+        if (uid, gid) == (os.getuid(), os.getgid()):
+            return None
+        self._warn_once("chown", "cannot chown as an unprivileged user; files keep our own "
+                                 "owner, first: uid %s", uid)
+        return None
 
     def _write_sparse(self, fd: int, header: TarHeader, reader: TarReader) -> None:
         """Writes each stored segment at its offset; the gaps stay holes."""

@@ -54,6 +54,12 @@ def _text(raw: bytes) -> str:
 
 def parse_number(raw: bytes, what: str) -> int:
     """An octal field (space or NUL terminated) or a GNU base-256 one."""
+    if raw[:1] < b"\x80":
+        text = raw.split(b"\0", 1)[0].strip(b" ")
+        try:
+            return int(text, 8) if text else 0
+        except ValueError:
+            raise TarFormatError(f"bad {what} field {raw!r}") from None
     if raw and raw[0] & 0x80:
         value = int.from_bytes(raw[1:], "big")
         if raw[0] == 0xFF:  # negative base-256
@@ -78,9 +84,11 @@ def checksum_matches(block: bytes) -> bool:
         expected = int(stored, 8)
     except ValueError:
         return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 256
-    return expected in (unsigned, signed)
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if expected == unsigned:
+        return True
+    # some old writers summed signed chars
+    return expected == unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
 
 
 def parse_header(block: bytes) -> TarHeader:
@@ -228,11 +236,6 @@ def parse_sparse_map_1_0(data: bytes) -> tuple[list[tuple[int, int]], int]:
 # ---- writing --------------------------------------------------------------------------------
 
 
-def _octal(value: int, width: int) -> bytes | None:
-    text = b"%0*o" % (width - 1, value)
-    return text + b"\0" if len(text) < width else None
-
-
 def _pax_record(key: str, value: bytes) -> bytes:
     body = b" " + key.encode("utf-8", "surrogateescape") + b"=" + value + b"\n"
     length = len(body) + 1
@@ -253,63 +256,63 @@ def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+_OCTAL_LIMITS = {8: 8**7, 12: 8**11}
+
+
+def _field(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
 def build_header(header: TarHeader) -> bytes:
     """The blocks of one member's header: a PAX header first when ustar cannot hold it."""
     pax: list[bytes] = []
     name = os.fsencode(header.name)
-    split = _split_ustar_name(name)
-    if split is None or not _is_ascii(name):
+    split = _split_ustar_name(name) if name.isascii() else None
+    if split is None:
         pax.append(_pax_record("path", name))
         split = (b"", name[:100])
     linkname = os.fsencode(header.linkname)
-    if len(linkname) > 100 or not _is_ascii(linkname):
+    if len(linkname) > 100 or not linkname.isascii():
         pax.append(_pax_record("linkpath", linkname))
         linkname = linkname[:100]
-    fields = {}
-    for key, value, width in (("uid", header.uid, 8), ("gid", header.gid, 8),
-                              ("size", header.size, 12)):
-        encoded = _octal(value, width) if value >= 0 else None
-        if encoded is None:
-            pax.append(_pax_record(key, str(value).encode()))
-            encoded = _octal(0, width)
-        fields[key] = encoded
-    mtime_seconds = header.mtime_ns // 1_000_000_000
-    mtime = _octal(mtime_seconds, 12) if mtime_seconds >= 0 else None
-    if mtime is None:
-        pax.append(_pax_record("mtime", str(mtime_seconds).encode()))
-        mtime = _octal(0, 12)
+    uid, gid, size = header.uid, header.gid, header.size
+    if not 0 <= uid < _OCTAL_LIMITS[8]:
+        pax.append(_pax_record("uid", str(uid).encode()))
+        uid = 0
+    if not 0 <= gid < _OCTAL_LIMITS[8]:
+        pax.append(_pax_record("gid", str(gid).encode()))
+        gid = 0
+    if not 0 <= size < _OCTAL_LIMITS[12]:
+        pax.append(_pax_record("size", str(size).encode()))
+        size = 0
+    mtime = header.mtime_ns // 1_000_000_000
+    if not 0 <= mtime < _OCTAL_LIMITS[12]:
+        pax.append(_pax_record("mtime", str(mtime).encode()))
+        mtime = 0
     for key in sorted(header.xattrs):
         pax.append(_pax_record(f"SCHILY.xattr.{key}", header.xattrs[key]))
-
-    block = bytearray(BLOCK)
     prefix, short = split
-    block[0:len(short)] = short
-    block[100:108] = _octal(header.mode & 0o7777, 8) or b""
-    block[108:116] = fields["uid"] or b""
-    block[116:124] = fields["gid"] or b""
-    block[124:136] = fields["size"] or b""
-    block[136:148] = mtime or b""
-    block[156:157] = header.typeflag
-    block[157:157 + len(linkname)] = linkname
-    block[257:265] = b"ustar\x0000"
-    uname, gname = header.uname.encode()[:31], header.gname.encode()[:31]
-    block[265:265 + len(uname)] = uname
-    block[297:297 + len(gname)] = gname
-    block[329:337] = _octal(header.devmajor, 8) or _octal(0, 8) or b""
-    block[337:345] = _octal(header.devminor, 8) or _octal(0, 8) or b""
-    block[345:345 + len(prefix)] = prefix
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % sum(block)
+    block = b"".join((
+        short.ljust(100, b"\0"),
+        _field(header.mode & 0o7777, 8), _field(uid, 8), _field(gid, 8),
+        _field(size, 12), _field(mtime, 12),
+        b"        ",
+        header.typeflag,
+        linkname.ljust(100, b"\0"),
+        b"ustar\x0000",
+        header.uname.encode()[:31].ljust(32, b"\0"),
+        header.gname.encode()[:31].ljust(32, b"\0"),
+        _field(header.devmajor, 8), _field(header.devminor, 8),
+        prefix.ljust(155, b"\0"),
+        bytes(12),
+    ))
+    block = block[:148] + b"%06o\0 " % sum(block) + block[156:]
     if not pax:
-        return bytes(block)
+        return block
     records = b"".join(pax)
     pax_header = TarHeader(name="PaxHeader", typeflag=PAX_LOCAL, size=len(records))
-    return build_header(pax_header) + records + padding(len(records)) + bytes(block)
+    return build_header(pax_header) + records + padding(len(records)) + block
 
 
 def padding(size: int) -> bytes:
     return bytes(-size % BLOCK)
-
-
-def _is_ascii(raw: bytes) -> bool:
-    return all(byte < 0x80 for byte in raw)

@@ -4,6 +4,7 @@
     python -m benchmarks dirsize [FILES]  # directory_size vs du -sb (default 200,000 files)
     python -m benchmarks mountdata        # mount-data builder, native vs fallback
     python -m benchmarks mount            # Driver.get+put vs raw mount(2) on deep chains
+    python -m benchmarks layers           # apply_diff and diff vs GNU tar -x and tar -c
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import aufs
 
-SUITES = ["dirsize", "mountdata", "mount"]
+SUITES = ["dirsize", "mountdata", "mount", "layers"]
 
 
 def main() -> None:

@@ -77,6 +77,42 @@ int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
 int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const char *new_path,
                    unsigned int flags);
 
+/* ---- ioqueue.c: ordered file I/O on a background thread ---------------------------------- */
+
+/* One job: write `bytes` (to out_fd, or to fd when out_fd < 0), copy `copy_size` bytes of fd
+ * to out_fd, write `padding` zeros, then set owner, mode and times of fd, then close it. */
+struct aufs_io_request {
+    int fd;
+    int out_fd;
+    const unsigned char *bytes;
+    size_t bytes_size;
+    uint64_t copy_size;
+    size_t padding;
+    int set_owner;
+    uid_t uid;
+    gid_t gid;
+    int set_mode;
+    mode_t mode;
+    int set_times;
+    int64_t atime_ns;
+    int64_t mtime_ns;
+    int close_fd;
+    const char *name; /* reported with the first error */
+};
+
+struct aufs_io_queue;
+
+/* Runs one job here and now (what the queue's thread does for each). */
+int aufs_io_run(const struct aufs_io_request *request);
+int aufs_io_open(struct aufs_io_queue **queue, size_t max_pending, size_t max_pending_bytes);
+/* Copies the request and queues it; blocks while the queue is full. Returns -errno of an
+ * earlier failure (the job is still queued, so its fd still gets closed). */
+int aufs_io_submit(struct aufs_io_queue *queue, const struct aufs_io_request *request);
+/* The first failure so far (0 if none), with its job's name. */
+int aufs_io_error(struct aufs_io_queue *queue, char *name, size_t name_size);
+/* Runs what is queued, stops the thread, frees the queue; returns the first failure. */
+int aufs_io_close(struct aufs_io_queue *queue, char *name, size_t name_size);
+
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
 
 /*

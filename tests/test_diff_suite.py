@@ -347,6 +347,8 @@ def mutate(root: Path, steps: list[tuple[str, str, bytes]]) -> None:
 @given(stack=st.lists(operations, min_size=1, max_size=4))
 @example(stack=[[("write", "a", b"1"), ("write", "d/e", b"2")], [("delete", "a", b""),
                 ("rmdir-recreate", "d/e", b"3")], [("write", "a", b"4")]])
+@example(stack=[[("write", "d/g/h", b""), ("rmdir-recreate", "d/g/h", b"")],
+                [("rmdir-recreate", "d/e", b""), ("write", "d/g/h", b"")]])
 def test_fast_and_naive_changes_agree(session_scratch: Path,
                                       stack: list[list[tuple[str, str, bytes]]]) -> None:
     for backend in ("overlay", "fuse-overlayfs"):
