@@ -61,5 +61,22 @@ cdef extern from "aufs_core.h" nogil:
     int aufs_io_error(aufs_io_queue *queue, char *name, size_t name_size)
     int aufs_io_close(aufs_io_queue *queue, char *name, size_t name_size)
 
+    struct aufs_tar_header:
+        unsigned char name[256]
+        size_t name_length
+        unsigned char linkname[100]
+        size_t linkname_length
+        uint32_t mode
+        int64_t uid
+        int64_t gid
+        int64_t size
+        int64_t mtime
+        int64_t devmajor
+        int64_t devminor
+        char typeflag
+        int gnu
+
+    int aufs_tar_parse_header(const unsigned char *block, aufs_tar_header *header)
+
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                             char *error_path, size_t error_path_size)

@@ -430,6 +430,21 @@ def directory_size(path: PathArg, *, threads: int = 0) -> int:
 # ---- ordered file I/O -----------------------------------------------------------------------
 
 
+def finish_file(fd: int, data: bytes | memoryview, owner: tuple[int, int] | None, mode: int,
+                atime_ns: int, mtime_ns: int, name: str) -> None:
+    """Write data into fd, chown to owner (None: leave it), chmod, set times, close.
+    Failures are OSError naming the entry."""
+
+    def job() -> None:
+        _write_all(fd, data)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        os.utime(fd, ns=(atime_ns, mtime_ns))
+
+    _run_and_close(job, fd, name)
+
+
 class IOQueue:
     """File I/O jobs in submission order. The native twin runs them on a C thread without
     the GIL; this one runs each job at once. Failures are OSError naming the job."""
@@ -440,15 +455,7 @@ class IOQueue:
     def finish_file(self, fd: int, data: bytes, owner: tuple[int, int] | None, mode: int,
                     atime_ns: int, mtime_ns: int, name: str) -> None:
         """Write data into fd, chown to owner (None: leave it), chmod, set times, close."""
-
-        def job() -> None:
-            _write_all(fd, data)
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(atime_ns, mtime_ns))
-
-        _run_and_close(job, fd, name)
+        finish_file(fd, data, owner, mode, atime_ns, mtime_ns, name)
 
     def write(self, out_fd: int, data: bytes, fd: int = -1, copy_size: int = 0,
               padding: int = 0, name: str = "") -> None:
@@ -486,7 +493,66 @@ def _run_and_close(job: Callable[[], None], fd: int, name: str) -> None:
         raise _os_error(failure.errno, name) from None
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+# ---- tar header blocks ------------------------------------------------------------------------
+
+
+def parse_tar_number(raw: bytes, what: str) -> int:
+    """An octal field (digits between spaces, ended by NUL) or a GNU base-256 one."""
+    if raw[:1] and raw[0] & 0x80:
+        if raw[0] not in (0x80, 0xFF):
+            raise ValueError(f"bad base-256 {what} field")
+        value = int.from_bytes(raw[1:], "big")
+        return value - (1 << (8 * (len(raw) - 1))) if raw[0] == 0xFF else value
+    text = raw.split(b"\0", 1)[0].strip(b" ")
+    if text.strip(b"01234567"):
+        raise ValueError(f"bad {what} field {raw!r}")
+    return int(text, 8) if text else 0
+
+
+def _tar_checksum_matches(block: bytes) -> bool:
+    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
+    if not stored or stored.strip(b"01234567"):
+        return False
+    expected = int(stored, 8)
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if expected == unsigned:
+        return True
+    # some old writers summed signed chars
+    return expected == unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+
+
+TarFields = tuple[bytes, bytes, int, int, int, int, int, bytes, int, int, bool]
+
+
+def parse_tar_header(block: bytes | memoryview) -> TarFields:
+    """(name, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor, gnu) of one
+    512-byte header block; ValueError saying why it is not one."""
+    block = bytes(block)
+    if len(block) != 512:
+        raise ValueError(f"a header block is 512 bytes, not {len(block)}")
+    if not _tar_checksum_matches(block):
+        raise ValueError("header checksum mismatch (not a tar archive, or corrupt)")
+    typeflag = block[156:157]
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0" and block[345] != 0:  # POSIX prefix field
+        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+    devices = typeflag in (b"3", b"4")
+    return (
+        name,
+        typeflag,
+        parse_tar_number(block[100:108], "mode") & 0o7777,
+        parse_tar_number(block[108:116], "uid"),
+        parse_tar_number(block[116:124], "gid"),
+        parse_tar_number(block[124:136], "size"),
+        parse_tar_number(block[136:148], "mtime"),
+        block[157:257].split(b"\0", 1)[0],
+        parse_tar_number(block[329:337], "devmajor") if devices else 0,
+        parse_tar_number(block[337:345], "devminor") if devices else 0,
+        block[257:265] == b"ustar  \0",
+    )

@@ -37,12 +37,15 @@ IMPLEMENTATION: str = _chosen.IMPLEMENTATION
 IOQueue = _chosen.IOQueue
 aufs_mount_data = _chosen.aufs_mount_data
 directory_size = _chosen.directory_size
+finish_file = _chosen.finish_file
 fs_magic = _chosen.fs_magic
 fsmount = _chosen.fsmount
 is_mountpoint = _chosen.is_mountpoint
 mount = _chosen.mount
 mounted = _chosen.mounted
 openat2 = _chosen.openat2
+parse_tar_header = _chosen.parse_tar_header
+parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
 unmount = _chosen.unmount
 
@@ -51,12 +54,15 @@ __all__ = [
     "IOQueue",
     "aufs_mount_data",
     "directory_size",
+    "finish_file",
     "fs_magic",
     "fsmount",
     "is_mountpoint",
     "mount",
     "mounted",
     "openat2",
+    "parse_tar_header",
+    "parse_tar_number",
     "renameat2",
     "unmount",
 ]

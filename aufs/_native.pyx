@@ -15,6 +15,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
+from aufs._fallback import parse_tar_number  # no hot path: one implementation
+
 IMPLEMENTATION = "native"
 
 cdef enum:
@@ -235,6 +237,49 @@ def renameat2(old_dirfd, old_path, new_dirfd, new_path, flags=0):
         raise _os_error(-rc, old_path)
 
 
+def parse_tar_header(const unsigned char[::1] block):
+    """(name, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor, gnu) of one
+    512-byte header block; ValueError saying why it is not one."""
+    cdef core.aufs_tar_header header
+    cdef int rc
+    if block.shape[0] != 512:
+        raise ValueError(f"a header block is 512 bytes, not {block.shape[0]}")
+    rc = core.aufs_tar_parse_header(&block[0], &header)
+    if rc < 0:
+        from aufs import _fallback
+        return _fallback.parse_tar_header(bytes(block))  # the spec: its value or its reason
+    return (header.name[:header.name_length], bytes([<unsigned char>header.typeflag]),
+            header.mode, header.uid, header.gid, header.size, header.mtime,
+            header.linkname[:header.linkname_length], header.devmajor, header.devminor,
+            bool(header.gnu))
+
+
+def finish_file(int fd, const unsigned char[::1] data, owner, int mode, int64_t atime_ns,
+                int64_t mtime_ns, str name):
+    """Write data into fd, chown to owner (None: leave it), chmod, set times, close: one
+    call without the GIL. Failures are OSError naming the entry."""
+    cdef core.aufs_io_request request
+    cdef int rc
+    memset(&request, 0, sizeof(request))
+    request.fd = fd
+    request.out_fd = -1
+    request.bytes = &data[0] if data.shape[0] else NULL
+    request.bytes_size = data.shape[0]
+    if owner is not None:
+        request.set_owner = 1
+        request.uid, request.gid = owner
+    request.set_mode = 1
+    request.mode = mode
+    request.set_times = 1
+    request.atime_ns = atime_ns
+    request.mtime_ns = mtime_ns
+    request.close_fd = 1
+    with nogil:
+        rc = core.aufs_io_run(&request)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc), name)
+
+
 cdef class IOQueue:
     """File I/O jobs run in order by a C thread, without the GIL. See aufs/_fallback.py."""
 
@@ -263,16 +308,16 @@ cdef class IOQueue:
             core.aufs_io_error(self.queue, name, sizeof(name))
             raise _io_error(-rc, name)
 
-    def finish_file(self, int fd, bytes data, owner, int mode, int64_t atime_ns,
-                    int64_t mtime_ns, str name):
+    def finish_file(self, int fd, const unsigned char[::1] data, owner, int mode,
+                    int64_t atime_ns, int64_t mtime_ns, str name):
         """Write data into fd, chown to owner (None: leave it), chmod, set times, close."""
         cdef core.aufs_io_request request
         cdef bytes encoded = os.fsencode(name)
         memset(&request, 0, sizeof(request))
         request.fd = fd
         request.out_fd = -1
-        request.bytes = data
-        request.bytes_size = len(data)
+        request.bytes = &data[0] if data.shape[0] else NULL
+        request.bytes_size = data.shape[0]
         if owner is not None:
             request.set_owner = 1
             request.uid, request.gid = owner

@@ -45,7 +45,6 @@ from aufs.tarstream import TarReader
 log = logging.getLogger(__name__)
 
 PATH_MAX = 4096
-BACKGROUND_LIMIT = 4 << 20  # smaller files are written by the I/O queue's own thread
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -94,7 +93,6 @@ class Extractor:
         self._unpacked: set[str] = set()  # APPLY mode: what this layer put there
         self._warned: set[str] = set()
         self._owner_of_new_dirs = options.id_mapping.root_pair
-        self._io = native.IOQueue()
 
     def run(self, stream: BinaryIO) -> ExtractResult:
         reader = TarReader(stream)
@@ -119,22 +117,10 @@ class Extractor:
                     raise DiffError(f"entry {name!r}: {error.strerror or error}") from error
                 self.result.entries += 1
                 self.result.header_bytes += header.realsize or header.size
-            self._finish_io()
             self._set_directory_times()
         finally:
-            try:
-                self._io.close()
-            except OSError:
-                pass  # an error is already on its way
-            finally:
-                self.tree.close()
+            self.tree.close()
         return self.result
-
-    def _finish_io(self) -> None:
-        try:
-            self._io.close()
-        except OSError as error:
-            raise DiffError(f"entry {error.filename!r}: {error.strerror}") from error
 
     # ---- one entry ------------------------------------------------------------------------
 
@@ -194,17 +180,15 @@ class Extractor:
 
     def _regular_file(self, fd: int, header: TarHeader, reader: TarReader, uid: int,
                       gid: int) -> None:
-        """Small files are handed whole to the I/O thread; big and sparse ones are written
-        here, streaming, so memory stays bounded."""
-        if header.sparse is None and not header.xattrs and header.size <= BACKGROUND_LIMIT:
-            data = reader.read_data(header.size) if header.size else b""
-            owner = (uid, gid) if self.is_root else self._owner_we_may_set(uid, gid)
-            try:
-                self._io.finish_file(fd, data, owner, header.mode, *self._times(header),
-                                     header.name)
-            except OSError as error:  # an earlier file's failure, reported now
-                raise DiffError(f"entry {error.filename!r}: {error.strerror}") from error
-            return
+        """Files that fit in the reader's buffer: data and metadata in one native call;
+        bigger and sparse ones are written streaming."""
+        if header.sparse is None and not header.xattrs:
+            data = reader.buffered_data()  # no copy: a view into the reader's buffer
+            if data is not None:
+                owner = (uid, gid) if self.is_root else self._owner_we_may_set(uid, gid)
+                native.finish_file(fd, data, owner, header.mode, *self._times(header),
+                                   header.name)
+                return
         try:
             if header.sparse is not None:
                 self._write_sparse(fd, header, reader)

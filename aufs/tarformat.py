@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from aufs import _implementation as native
+
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -48,75 +50,28 @@ class TarHeader:
     realsize: int | None = None  # the real size of a sparse file
 
 
-def _text(raw: bytes) -> str:
-    return os.fsdecode(raw.split(b"\0", 1)[0])
-
-
 def parse_number(raw: bytes, what: str) -> int:
-    """An octal field (space or NUL terminated) or a GNU base-256 one."""
-    if raw[:1] < b"\x80":
-        text = raw.split(b"\0", 1)[0].strip(b" ")
-        try:
-            return int(text, 8) if text else 0
-        except ValueError:
-            raise TarFormatError(f"bad {what} field {raw!r}") from None
-    if raw and raw[0] & 0x80:
-        value = int.from_bytes(raw[1:], "big")
-        if raw[0] == 0xFF:  # negative base-256
-            value -= 1 << (8 * (len(raw) - 1))
-        elif raw[0] != 0x80:
-            raise TarFormatError(f"bad base-256 {what} field")
-        return value
-    text = raw.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
+    """An octal field (digits between spaces, ended by NUL) or a GNU base-256 one."""
     try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f"bad {what} field {raw!r}") from None
-
-
-def checksum_matches(block: bytes) -> bool:
-    stored = block[148:156].split(b"\0", 1)[0].strip(b" ")
-    if not stored:
-        return False
-    try:
-        expected = int(stored, 8)
-    except ValueError:
-        return False
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
-    if expected == unsigned:
-        return True
-    # some old writers summed signed chars
-    return expected == unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+        return native.parse_tar_number(raw, what)
+    except ValueError as error:
+        raise TarFormatError(str(error)) from None
 
 
 def parse_header(block: bytes) -> TarHeader:
     """The fields of one 512-byte header block (no extensions applied yet)."""
-    if not checksum_matches(block):
-        raise TarFormatError("header checksum mismatch (not a tar archive, or corrupt)")
-    magic = block[257:265]
-    name = block[0:100]
-    gnu = magic == b"ustar  \0"
-    if magic[:6] == b"ustar\0" and block[345] != 0:  # POSIX prefix field
-        name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-    header = TarHeader(
-        name=_text(name),
-        typeflag=block[156:157],
-        mode=parse_number(block[100:108], "mode") & 0o7777,
-        uid=parse_number(block[108:116], "uid"),
-        gid=parse_number(block[116:124], "gid"),
-        size=parse_number(block[124:136], "size"),
-        mtime_ns=parse_number(block[136:148], "mtime") * 1_000_000_000,
-        linkname=_text(block[157:257]),
-        uname=_text(block[265:297]),
-        gname=_text(block[297:329]),
-        devmajor=parse_number(block[329:337], "devmajor"),
-        devminor=parse_number(block[337:345], "devminor"),
-    )
-    if header.size < 0:
-        raise TarFormatError(f"negative size {header.size}")
-    if gnu and header.typeflag == GNU_SPARSE:
+    try:
+        (name, typeflag, mode, uid, gid, size, mtime, linkname, devmajor, devminor,
+         gnu) = native.parse_tar_header(block)
+    except ValueError as error:
+        raise TarFormatError(str(error)) from None
+    if size < 0:
+        raise TarFormatError(f"negative size {size}")
+    header = TarHeader(name=os.fsdecode(name), typeflag=typeflag, mode=mode, uid=uid, gid=gid,
+                       size=size, mtime_ns=mtime * 1_000_000_000,
+                       linkname=os.fsdecode(linkname) if linkname else "",
+                       devmajor=devmajor, devminor=devminor)
+    if gnu and typeflag == GNU_SPARSE:
         header.sparse = parse_gnu_sparse_entries(block[386:482])
         header.realsize = parse_number(block[483:495], "realsize")
     return header

@@ -25,7 +25,6 @@ from aufs.tarformat import (
     gnu_sparse_is_extended,
     parse_gnu_sparse_entries,
     parse_header,
-    parse_number,
     parse_pax,
     parse_sparse_map_1_0,
 )
@@ -55,17 +54,8 @@ class TarReader:
         if self._start == self._end:
             self._start = self._end = 0
         elif self._start > len(self._buffer) // 2:
-            remaining = self._end - self._start
-            self._buffer[:remaining] = self._buffer[self._start:self._end]
-            self._start, self._end = 0, remaining
-        if self._eof:
-            return self._start < self._end
-        count = self._stream.readinto(self._view[self._end:])  # type: ignore[attr-defined]
-        if not count:
-            self._eof = True
-        else:
-            self._end += count
-            self.bytes_read += count
+            self._compact()
+        self._fill_once()
         return self._start < self._end
 
     def _take(self, size: int) -> bytes | None:
@@ -105,7 +95,45 @@ class TarReader:
             wanted -= step
             yield piece
 
+    def buffered_data(self) -> memoryview | None:
+        """All of the current member's data as one view into the buffer (valid until the next
+        call), or None when it does not fit; the data counts as consumed."""
+        size = self._data_left
+        if size > len(self._buffer) // 2:
+            return None
+        while self._end - self._start < size:
+            if self._start + size > len(self._buffer):
+                self._compact()
+            if not self._fill_once():
+                raise TarFormatError("the archive ends inside a member's data")
+        view = self._view[self._start:self._start + size]
+        self._start += size
+        self._data_left = 0
+        return view
+
+    def _compact(self) -> None:
+        remaining = self._end - self._start
+        self._buffer[:remaining] = self._buffer[self._start:self._end]
+        self._start, self._end = 0, remaining
+
+    def _fill_once(self) -> bool:
+        """One read into the free tail of the buffer; False at the end of the stream."""
+        if self._eof:
+            return False
+        count = self._stream.readinto(self._view[self._end:])  # type: ignore[attr-defined]
+        if not count:
+            self._eof = True
+            return False
+        self._end += count
+        self.bytes_read += count
+        return True
+
     def read_data(self, size: int) -> bytes:
+        if self._end - self._start >= size and size <= self._data_left:  # one copy
+            data = bytes(self._view[self._start:self._start + size])
+            self._start += size
+            self._data_left -= size
+            return data
         return b"".join(bytes(piece) for piece in self.chunks(size))
 
     @property
@@ -129,7 +157,7 @@ class TarReader:
                 self._end_of_archive()
                 return None
             header = parse_header(block)
-            raw_size = parse_number(block[124:136], "size")
+            raw_size = header.size
             if header.typeflag in (PAX_LOCAL, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK):
                 if header.size > MAX_EXTENDED_HEADER:
                     raise TarFormatError(f"an extended header of {header.size} bytes")

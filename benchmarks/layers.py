@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aufs
-from benchmarks.common import median_seconds, report, tmpfs_scratch
+from benchmarks.common import report, tmpfs_scratch
 from benchmarks.tree import build_tree
 
 CACHE = Path(os.environ.get("AUFS_BENCH_CACHE", "/var/cache/aufs-bench"))
@@ -43,7 +46,7 @@ def drain(stream: object) -> None:
 
 
 def main(arguments: list[str]) -> None:
-    repeat = int(arguments[0]) if arguments else 5
+    repeat = int(arguments[0]) if arguments else 9
     with tmpfs_scratch("6g") as scratch:
         source, origin = root_filesystem(scratch)
         layer_tar = scratch / "layer.tar"
@@ -69,8 +72,7 @@ def main(arguments: list[str]) -> None:
             with open(layer_tar, "rb") as stream:
                 driver.apply_diff(layer, "", stream)
 
-        gnu_x = _timed_with_cleanup(gnu_extract, repeat, scratch)
-        ours_x = _timed_with_cleanup(our_apply, repeat, scratch, driver)
+        gnu_x, ours_x = _alternating(gnu_extract, our_apply, repeat, scratch, driver)
         report("apply a layer (ratio to GNU tar -x)",
                [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 1.3")],
                gnu_x)
@@ -89,27 +91,28 @@ def main(arguments: list[str]) -> None:
             with driver.diff("exported") as stream:
                 drain(stream)
 
-        gnu_c = median_seconds(gnu_create, repeat)
-        ours_c = median_seconds(our_diff, repeat)
+        gnu_c, ours_c = _alternating(gnu_create, our_diff, repeat, scratch)
         report("diff a layer, read through a pipe (ratio to GNU tar -c)",
                [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 1.3")], gnu_c)
         driver.cleanup()
 
 
-def _timed_with_cleanup(run: object, repeat: int, scratch: Path,
-                        driver: aufs.Driver | None = None) -> float:
-    """Times each run alone; the trees it made are deleted between runs, untimed."""
-    import time
-
-    times = []
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
-        run()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
+def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int,
+                 scratch: Path, driver: aufs.Driver | None = None) -> tuple[float, float]:
+    """Median times of peer and ours, run in turn in each round so that drift in the
+    machine's speed hits both alike. The trees they made are deleted between rounds,
+    untimed; the first round only warms the caches."""
+    timings: tuple[list[float], list[float]] = ([], [])
+    for round_number in range(repeat + 1):
+        for run, times in ((peer, timings[0]), (ours, timings[1])):
+            start = time.perf_counter()
+            run()
+            if round_number:
+                times.append(time.perf_counter() - start)
         for path in scratch.glob("gnu-*"):
             shutil.rmtree(path)
         if driver is not None:
             for layer in driver.layer_ids():
-                driver.remove(layer)
-    times = sorted(times[1:])  # the first run warms the caches
-    return times[len(times) // 2]
+                if layer.startswith("layer-"):
+                    driver.remove(layer)
+    return statistics.median(timings[0]), statistics.median(timings[1])

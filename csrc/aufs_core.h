@@ -113,6 +113,23 @@ int aufs_io_error(struct aufs_io_queue *queue, char *name, size_t name_size);
 /* Runs what is queued, stops the thread, frees the queue; returns the first failure. */
 int aufs_io_close(struct aufs_io_queue *queue, char *name, size_t name_size);
 
+/* ---- tarheader.c: one tar header block ---------------------------------------------------- */
+
+struct aufs_tar_header {
+    unsigned char name[256]; /* prefix "/" name, not NUL-terminated */
+    size_t name_length;
+    unsigned char linkname[100];
+    size_t linkname_length;
+    uint32_t mode;
+    int64_t uid, gid, size, mtime;
+    int64_t devmajor, devminor;
+    char typeflag;
+    int gnu; /* old GNU magic: the prefix field holds other things */
+};
+
+/* 0, -EBADMSG (checksum), -EINVAL or -ERANGE (a field): then ask the spec for the reason. */
+int aufs_tar_parse_header(const unsigned char *block, struct aufs_tar_header *header);
+
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
 
 /*
