@@ -161,3 +161,24 @@ def test_renaming_a_lower_dir_keeps_the_upper_a_valid_diff(scratch: Path) -> Non
         assert not [name for name in os.listxattr(path, follow_symlinks=False)
                     if name.startswith("trusted.overlay.redirect")]
     driver.cleanup()
+
+
+@needs_overlay
+def test_classic_lowerdir_fallback_for_kernels_before_6_7(scratch: Path) -> None:
+    """Before Linux 6.7 there is no lowerdir+: one page of `lowerdir=a:b` data, which
+    stops at about 44 Docker-length layers, with an error that says why."""
+    backend = aufs.OverlayBackend(lowerdir_append=False)
+    driver = aufs.Driver(scratch / "classic", backend=backend)
+    parent = ""
+    for index in range(60):
+        layer = f"{index:02d}" + "f" * 62  # Docker-length ids
+        driver.create(layer, parent)
+        Path(driver.store.diff_path(layer), f"file{index}").touch()
+        parent = layer
+    shallow = "10" + "f" * 62  # ten parents fit in a page at any path length here
+    with driver.mounted(shallow) as path:
+        assert len(os.listdir(path)) == 11
+    with pytest.raises(aufs.MountError, match="lowerdir\\+") as caught:
+        driver.get(parent)
+    assert caught.value.data.startswith("lowerdir=")
+    driver.cleanup()
