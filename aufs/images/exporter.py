@@ -1,0 +1,167 @@
+"""Exporting an image: an OCI image layout (gzip layers) or a `docker save` archive that
+skopeo, umoci, podman and docker read. Layers are this store's own diffs, so the config's
+diff_ids are rewritten to match them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aufs.atomic import fsync_directory
+from aufs.driver import Driver
+from aufs.images.catalog import Catalog
+from aufs.images.compression import gzip_stream
+from aufs.images.digests import HashingReader, buffered
+from aufs.images.sources import REF_NAME, host_platform
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class ExportedImage:
+    destination: str
+    format: str
+    manifest_digest: str | None
+    config_digest: str
+    diff_ids: tuple[str, ...]
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+        return "sha256:" + digest.hexdigest(), handle.tell()
+
+
+def _config_for(catalog: Catalog, tag_config: str | None, diff_ids: list[str]) -> bytes:
+    os_name, architecture = host_platform()
+    config = (json.loads(catalog.config(tag_config)) if tag_config
+              else {"architecture": architecture, "os": os_name, "config": {}})
+    config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+    return json.dumps(config, separators=(",", ":")).encode()
+
+
+def export_image(driver: Driver, catalog: Catalog, reference: str, destination: str,
+                 image_format: str = "oci", progress: Progress | None = None) -> ExportedImage:
+    if image_format not in ("oci", "docker-archive"):
+        raise ValueError(f"unknown format {image_format!r}; choose oci or docker-archive")
+    top, tag = catalog.resolve(reference)
+    chain = [*reversed(driver.parent_ids(top)), top]
+    name = tag.name if tag is not None else top[:12]
+    parent_dir = os.path.dirname(os.path.abspath(destination)) or "."
+    with tempfile.TemporaryDirectory(dir=parent_dir, prefix=".aufs-export-") as work:
+        layers: list[tuple[str, str, int]] = []  # (path, digest, size) as stored
+        diff_ids: list[str] = []
+        parent = ""
+        for layer in chain:
+            raw_path = os.path.join(work, f"{layer}.tar")
+            with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:
+                hashing = HashingReader(stream)
+                shutil.copyfileobj(buffered(hashing), out, 1 << 20)
+            diff_ids.append("sha256:" + hashing.hash.hexdigest())
+            if image_format == "oci":
+                gz_path = raw_path + ".gz"
+                with open(raw_path, "rb") as source, open(gz_path, "wb") as out:
+                    gzip_stream(source, out)
+                os.unlink(raw_path)
+                layers.append((gz_path, *_sha256_file(gz_path)))
+            else:
+                layers.append((raw_path, diff_ids[-1], hashing.count))
+            if progress is not None:
+                progress("bytes", hashing.count)
+                progress("layer", 1)
+            parent = layer
+        config = _config_for(catalog, tag.config_digest if tag else None, diff_ids)
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        if image_format == "oci":
+            manifest_digest = _write_oci(destination, work, name, layers, config, config_digest)
+        else:
+            manifest_digest = None
+            _write_docker_archive(destination, work, name, layers, config, config_digest)
+    return ExportedImage(destination, image_format, manifest_digest, config_digest,
+                         tuple(diff_ids))
+
+
+def _write_oci(destination: str, work: str, name: str, layers: list[tuple[str, str, int]],
+               config: bytes, config_digest: str) -> str:
+    layout = os.path.join(work, "layout")
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs)
+    for path, digest, _ in layers:
+        os.rename(path, os.path.join(blobs, digest[7:]))
+    with open(os.path.join(blobs, config_digest[7:]), "wb") as handle:
+        handle.write(config)
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size}
+                   for _, digest, size in layers],
+    }, separators=(",", ":")).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    with open(os.path.join(blobs, manifest_digest[7:]), "wb") as handle:
+        handle.write(manifest)
+    os_name, architecture = host_platform()
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{"mediaType": OCI_MANIFEST, "digest": manifest_digest,
+                            "size": len(manifest),
+                            "platform": {"architecture": architecture, "os": os_name},
+                            "annotations": {REF_NAME: name.rpartition(":")[2] or name}}]}
+    with open(os.path.join(layout, "index.json"), "w") as handle:
+        json.dump(index, handle)
+    with open(os.path.join(layout, "oci-layout"), "w") as handle:
+        json.dump({"imageLayoutVersion": "1.0.0"}, handle)
+    if destination.endswith(".tar"):
+        _tar_directory(layout, destination)
+    else:
+        if os.path.lexists(destination):
+            raise FileExistsError(f"{destination} exists; remove it or choose another -o")
+        os.rename(layout, destination)
+        fsync_directory(os.path.dirname(os.path.abspath(destination)))
+    return manifest_digest
+
+
+def _write_docker_archive(destination: str, work: str, name: str,
+                          layers: list[tuple[str, str, int]], config: bytes,
+                          config_digest: str) -> None:
+    repository, _, tag_name = name.partition(":")
+    repo_tag = f"{repository}:{tag_name or 'latest'}"
+    entries = [(f"{digest[7:]}.tar", path) for path, digest, _ in layers]
+    manifest = [{"Config": f"{config_digest[7:]}.json", "RepoTags": [repo_tag],
+                 "Layers": [name for name, _ in entries]}]
+    temporary = os.path.join(work, "archive.tar")
+    with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
+        for member_name, path in entries:
+            archive.add(path, member_name)
+        for member_name, data in (
+                (f"{config_digest[7:]}.json", config),
+                ("manifest.json", json.dumps(manifest).encode()),
+                ("repositories", json.dumps(
+                    {repository: {tag_name or "latest": config_digest[7:]}}).encode())):
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    os.replace(temporary, destination)
+
+
+def _tar_directory(directory: str, destination: str) -> None:
+    temporary = destination + ".partial"
+    with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
+        for entry in sorted(os.listdir(directory)):
+            archive.add(os.path.join(directory, entry), entry)
+    os.replace(temporary, destination)
+
+
+
