@@ -27,6 +27,7 @@ from aufs.idmap import IdentityMapping, IDMap
 from aufs.ids import validate_layer_id
 from aufs.layerdiffs import FileGetter, LayerDiffs
 from aufs.locking import LayerReferences, NamedLocks, RootLock
+from aufs.migrate import MigrationError, migration_in_progress
 from aufs.mounters import MNT_DETACH, Mounter
 from aufs.retry import RetryPolicy, unmount_with_retries
 from aufs.store import Store
@@ -83,6 +84,10 @@ class Driver:
                                           IDMap.from_triples(gid_maps))
         self.retry_policy = retry_policy or RetryPolicy()
         self._store = Store(self.root)
+        heading = migration_in_progress(self._store)
+        if heading is not None:
+            raise MigrationError(f"{self.root} is half way through a migration to {heading} "
+                                 f"whiteouts; finish it with `aufs migrate --to {heading}`")
 
         store_format = None if self._store.is_new() else (self._store.read_format() or "aufs")
         self._backend, magic = resolve_backend(backend, self.root, store_format, mounter)
