@@ -1,51 +1,403 @@
-"""The `aufs` command line. Each subcommand is a thin layer over the library."""
+"""The `aufs` command line: a thin layer over the library. Errors are one line and exit 1,
+usage errors exit 2, and tracebacks appear only with --debug."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, BinaryIO, NamedTuple
 
+from aufs import _implementation as native
 from aufs import machine
-from aufs._implementation import IMPLEMENTATION
+from aufs.backends import BACKENDS
+from aufs.driver import Driver
+from aufs.errors import AufsError, NotSupportedError
+from aufs.progress import Progress
+
+log = logging.getLogger("aufs")
+
+
+class LayerListing(NamedTuple):
+    id: str
+    parent: str
+    size: int
+    mounted: bool
+    tags: tuple[str, ...]
+
+
+def default_root() -> str:
+    if os.environ.get("AUFS_ROOT"):
+        return os.environ["AUFS_ROOT"]
+    if os.geteuid() == 0:
+        return "/var/lib/aufs"
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "aufs")
+
+
+def _print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def _open_driver(arguments: argparse.Namespace) -> Driver:
+    return Driver(arguments.root, backend=arguments.backend)
+
+
+def _catalog(driver: Driver) -> Any:
+    from aufs.images import Catalog
+
+    return Catalog(driver.store)
+
+
+def _resolve_layer(driver: Driver, reference: str) -> str:
+    return str(_catalog(driver).resolve(reference)[0])
+
+
+def _resolve_parent(driver: Driver, reference: str | None) -> str:
+    return _resolve_layer(driver, reference) if reference else ""
+
+
+# ---- commands ---------------------------------------------------------------------------------
 
 
 def command_info(arguments: argparse.Namespace) -> int:
+    backends = []
+    for name, backend_class in BACKENDS.items():
+        try:
+            backend_class().check_machine()
+            backends.append({"name": name, "usable": True, "why": ""})
+        except NotSupportedError as error:
+            backends.append({"name": name, "usable": False, "why": error.reason or str(error)})
     reports = machine.describe()
     if arguments.json:
-        payload = {
-            "implementation": IMPLEMENTATION,
-            "machine": [report.__dict__ for report in reports],
-        }
-        print(json.dumps(payload, indent=2))
+        _print_json({"implementation": native.IMPLEMENTATION, "backends": backends,
+                     "machine": [report.__dict__ for report in reports]})
         return 0
-    print(f"implementation: {IMPLEMENTATION}")
+    print(f"implementation: {native.IMPLEMENTATION}")
+    print("backends:")
+    for backend in backends:
+        state = "usable" if backend["usable"] else f"not usable: {backend['why']}"
+        print(f"  {backend['name']:<15} {state}")
+    print("machine:")
     for report in reports:
-        mark = "yes" if report.present else "no "
-        print(f"  {mark}  {report.name:<20} {report.detail}")
+        print(f"  {'yes' if report.present else 'no ':<4} {report.name:<20} {report.detail}")
     return 0
 
 
+def command_ls(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    tags_by_layer: dict[str, list[str]] = {}
+    for tag in _catalog(driver).tags().values():
+        tags_by_layer.setdefault(tag.top, []).append(tag.name)
+    layers = []
+    children: dict[str, list[str]] = {}
+    for layer in driver.layer_ids():
+        parents = driver.parent_ids(layer)
+        parent = parents[0] if parents else ""
+        children.setdefault(parent, []).append(layer)
+        layers.append(LayerListing(layer, parent,
+                                   native.directory_size(driver.store.diff_path(layer)),
+                                   driver.is_mounted(layer),
+                                   tuple(sorted(tags_by_layer.get(layer, [])))))
+    if arguments.json:
+        _print_json([layer._asdict() for layer in layers])
+        return 0
+    by_id = {layer.id: layer for layer in layers}
+
+    def show(layer_id: str, depth: int) -> None:
+        layer = by_id[layer_id]
+        marks = " mounted" if layer.mounted else ""
+        tags = f" [{', '.join(layer.tags)}]" if layer.tags else ""
+        print(f"{'  ' * depth}{layer_id[:16]}  {layer.size:>10} B{marks}{tags}")
+        for child in sorted(children.get(layer_id, [])):
+            show(child, depth + 1)
+
+    for base in sorted(children.get("", [])):
+        show(base, 0)
+    if not layers:
+        print(f"no layers in {driver.root}; add some with `aufs import`")
+    return 0
+
+
+def command_import(arguments: argparse.Namespace) -> int:
+    from aufs.images import import_images
+
+    driver = _open_driver(arguments)
+    progress = Progress("import")
+    try:
+        images = import_images(driver, _catalog(driver), arguments.source, arguments.tag,
+                               progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json([image.__dict__ for image in images])
+        return 0
+    for image in images:
+        shared = len(image.layers) - len(image.created)
+        print(f"{image.name or image.top[:12]}: {len(image.layers)} layers "
+              f"({len(image.created)} new, {shared} shared), top {image.top[:12]}")
+    return 0
+
+
+def command_export(arguments: argparse.Namespace) -> int:
+    from aufs.images import export_image
+
+    driver = _open_driver(arguments)
+    progress = Progress("export")
+    try:
+        result = export_image(driver, _catalog(driver), arguments.ref, arguments.output,
+                              arguments.format, progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json(result.__dict__)
+    else:
+        print(f"wrote {result.destination} ({result.format}, config {result.config_digest[:19]})")
+    return 0
+
+
+def command_mount(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    path = driver.get(_resolve_layer(driver, arguments.ref))
+    _print_json({"path": path}) if arguments.json else print(path)
+    return 0
+
+
+def command_umount(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    layer = _resolve_layer(driver, arguments.ref)
+    if not driver.parent_ids(layer):
+        print(f"{arguments.ref} is a base layer: it is never mounted", file=sys.stderr)
+        return 0
+    driver.put(layer)
+    if arguments.json:
+        _print_json({"unmounted": driver.store.mount_path(layer)})
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdout.buffer
+        return
+    temporary = path + ".partial"
+    with open(temporary, "wb") as handle:
+        yield handle
+    os.replace(temporary, path)
+
+
+def command_diff(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    layer = _resolve_layer(driver, arguments.layer)
+    progress = Progress("diff")
+    parent = _resolve_parent(driver, arguments.parent)
+    with driver.diff(layer, parent) as stream, _output(arguments.output) as out:
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+            progress("bytes", len(chunk))
+    progress("layer", 1)
+    progress.done()
+    return 0
+
+
+def command_apply(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    parent = _resolve_parent(driver, arguments.parent)
+    if not driver.exists(arguments.layer):
+        driver.create(arguments.layer, parent)
+    source = sys.stdin.buffer if arguments.file == "-" else open(arguments.file, "rb")  # noqa: SIM115
+    try:
+        size = driver.apply_diff(arguments.layer, parent, source)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    _print_json({"layer": arguments.layer, "size": size}) if arguments.json else print(size)
+    return 0
+
+
+def command_changes(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    changes = driver.changes(_resolve_layer(driver, arguments.layer),
+                             _resolve_parent(driver, arguments.parent))
+    if arguments.json:
+        _print_json([{"path": c.path, "kind": str(c.kind)} for c in changes])
+    else:
+        for change in changes:
+            print(change)
+    return 0
+
+
+def command_du(arguments: argparse.Namespace) -> int:
+    target = arguments.target
+    if os.path.exists(target):
+        size = native.directory_size(target)
+    else:
+        driver = _open_driver(arguments)
+        size = driver.diff_size(_resolve_layer(driver, target))
+    _print_json({"target": target, "size": size}) if arguments.json else print(size)
+    return 0
+
+
+def command_rm(arguments: argparse.Namespace) -> int:
+    driver = _open_driver(arguments)
+    catalog = _catalog(driver)
+    tags = catalog.tags()
+    removed: list[str] = []
+    if arguments.target in tags:
+        top = tags[arguments.target].top
+        catalog.remove_tag(arguments.target)
+        still_tagged = {t.top for t in catalog.tags().values()}
+        kept = {p for t in still_tagged for p in [t, *driver.parent_ids(t)]}
+        for layer in [top, *driver.parent_ids(top)]:
+            if layer in kept or driver.store.children(layer):
+                break
+            driver.remove(layer, force=arguments.force)
+            removed.append(layer)
+    else:
+        driver.remove(arguments.target, force=arguments.force)
+        removed.append(arguments.target)
+    if arguments.json:
+        _print_json({"removed": removed})
+    else:
+        for layer in removed:
+            print(f"removed {layer}")
+    return 0
+
+
+def command_migrate(arguments: argparse.Namespace) -> int:
+    from aufs.migrate import migrate
+    from aufs.store import Store
+
+    progress = Progress("migrate")
+    try:
+        result = migrate(Store(os.path.abspath(arguments.root)), arguments.to, progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json(result.__dict__)
+    else:
+        print(f"{len(result.converted)} layers converted to {result.target} whiteouts"
+              + (f", {len(result.already_done)} were done before" if result.already_done else ""))
+    return 0
+
+
+def command_rescue(arguments: argparse.Namespace) -> int:
+    from aufs.images.rescue import rescue
+
+    progress = Progress("rescue")
+    try:
+        images = rescue(arguments.docker_root, arguments.output, progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json([image.__dict__ for image in images])
+        return 0
+    for image in images:
+        state = "byte for byte" if image.exact else "rebuilt: " + "; ".join(image.notes)
+        print(f"{image.tag}: {image.image_id[:19]} ({state})")
+    print(f"wrote {arguments.output}: try `skopeo inspect oci:{arguments.output}:latest`")
+    return 0
+
+
+def command_demo(arguments: argparse.Namespace) -> int:
+    from aufs.demo import run_demo
+
+    return run_demo(arguments.backend)
+
+
+# ---- the parser -------------------------------------------------------------------------------
+
+COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
+    ("info", command_info, "what this machine supports", "aufs info --json"),
+    ("ls", command_ls, "the layers as a tree, with sizes, mounts and tags", "aufs ls"),
+    ("import", command_import, "import an OCI layout (dir or tar) or a docker save archive",
+     "aufs import ./image.tar --tag myapp   or   aufs import ./oci-dir:latest"),
+    ("export", command_export, "write a tag or top layer as an image",
+     "aufs export myapp -o myapp-oci   (or -o myapp.tar --format docker-archive)"),
+    ("mount", command_mount, "mount a tag or layer and print its path", "aufs mount myapp"),
+    ("umount", command_umount, "unmount what `aufs mount` mounted", "aufs umount myapp"),
+    ("diff", command_diff, "write a layer's changes as a tar", "aufs diff LAYER -o layer.tar"),
+    ("apply", command_apply, "apply a tar to a layer (made if missing)",
+     "aufs apply LAYER --parent BASE layer.tar"),
+    ("changes", command_changes, "list a layer's changes as A/C/D lines",
+     "aufs changes LAYER --parent BASE"),
+    ("du", command_du, "apparent size of a path, or of a layer's changes", "aufs du /some/dir"),
+    ("rm", command_rm, "remove a layer, or a tag and the layers only it used",
+     "aufs rm myapp"),
+    ("migrate", command_migrate, "convert the store's whiteout format in place (resumable)",
+     "aufs migrate --to overlay"),
+    ("rescue", command_rescue, "export the images of a Docker aufs data root as OCI",
+     "aufs rescue /var/lib/docker -o rescued-oci"),
+    ("demo", command_demo, "import the sample image, mount, change, export, clean up",
+     "aufs demo"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aufs", description="Docker's AUFS layer store on today's kernels."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser(
-        "info",
-        help="what this machine supports",
-        description="Show the implementation in use and the kernel features found.",
-        epilog="example: aufs info --json",
-    )
-    info.add_argument("--json", action="store_true", help="print JSON for scripts")
-    info.set_defaults(handler=command_info)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=default_root(),
+                        help="the store (default: $AUFS_ROOT, /var/lib/aufs as root, else "
+                             "~/.local/share/aufs)")
+    common.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+                        help="union-mount backend (default: auto)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser = argparse.ArgumentParser(prog="aufs", parents=[common],
+                                     description="Docker's AUFS layer store on today's kernels.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {}
+    for name, handler, summary, example in COMMANDS:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=summary,
+                                  epilog=f"example: {example}")
+        sub.set_defaults(handler=handler)
+        parsers[name] = sub
+    parsers["import"].add_argument("source", help="PATH or PATH:REF")
+    parsers["import"].add_argument("--tag", help="tag the imported image")
+    parsers["export"].add_argument("ref", help="a tag or a top layer id")
+    parsers["export"].add_argument("-o", "--output", required=True,
+                                   help="destination dir (oci), or .tar")
+    parsers["export"].add_argument("--format", default="oci", choices=["oci", "docker-archive"])
+    for name in ("mount", "umount"):
+        parsers[name].add_argument("ref", help="a tag or a layer id")
+    for name in ("diff", "apply", "changes"):
+        parsers[name].add_argument("layer")
+        parsers[name].add_argument("--parent", help="the parent to compare with")
+    parsers["diff"].add_argument("-o", "--output", required=True, help="a file, or - for stdout")
+    parsers["apply"].add_argument("file", help="an uncompressed tar, or - for stdin")
+    parsers["du"].add_argument("target", help="a path, or a layer or tag")
+    parsers["rm"].add_argument("target", help="a layer id or a tag")
+    parsers["rm"].add_argument("--force", action="store_true",
+                               help="detach busy mounts lazily instead of failing")
+    parsers["migrate"].add_argument("--to", required=True, choices=["overlay", "aufs"])
+    parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")
+    parsers["rescue"].add_argument("-o", "--output", required=True, help="the OCI layout to write")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    return int(arguments.handler(arguments))
+    logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.WARNING,
+                        format="aufs: %(levelname)s: %(message)s")
+    try:
+        return int(arguments.handler(arguments))
+    except KeyboardInterrupt:
+        print("aufs: interrupted", file=sys.stderr)
+        return 130
+    except (AufsError, OSError, ValueError) as error:
+        if arguments.debug:
+            raise
+        print(f"aufs: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, PermissionError) and os.geteuid() != 0:
+        return f"{error} (mounting and most store changes need root)"
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ class Driver:
     def layer_ids(self) -> list[str]:
         return self._store.ids()
 
+    def is_mounted(self, layer_id: str) -> bool:
+        """Whether the layer's union mount (mnt/<id>) is mounted now, by anyone."""
+        return self._backend.is_mounted(self._store.mount_path(validate_layer_id(layer_id)))
+
     def status(self) -> list[tuple[str, str]]:
         """Docker's four rows, in Docker's order, then this driver's own."""
         return [

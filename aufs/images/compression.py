@@ -138,7 +138,8 @@ def decompressed(source: BinaryIO) -> Iterator[BinaryIO]:
         except ImportError:
             raise CompressionError("this layer is zstd-compressed: install the zstd extra "
                                    "(pip install 'aufs[zstd]')") from None
-        raw = zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20)
+        raw = cast(io.RawIOBase,
+                   zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20))
     with raw, io.BufferedReader(raw, 1 << 20) as reader:
         yield cast(BinaryIO, reader)
 

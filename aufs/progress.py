@@ -1,0 +1,54 @@
+"""A progress line for long work: bytes and layers, on a terminal only, silent when piped."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+class Progress:
+    """Called as progress("bytes", n) or progress("layer", 1); redraws at most 10 times a
+    second on stderr when it is a terminal."""
+
+    def __init__(self, label: str, layers: int | None = None, stream: TextIO | None = None
+                 ) -> None:
+        self.label = label
+        self.total_layers = layers
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.bytes = 0
+        self.layers = 0
+        self._started = time.monotonic()
+        self._drawn = 0.0
+
+    def __call__(self, event: str, amount: int) -> None:
+        if event == "bytes":
+            self.bytes += amount
+        elif event == "layer":
+            self.layers += amount
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn > 0.1 or event == "layer"):
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        layers = f"{self.layers}/{self.total_layers}" if self.total_layers else str(self.layers)
+        rate = self.bytes / max(now - self._started, 1e-6)
+        self.stream.write(f"\r{self.label}: {layers} layers, {_size(self.bytes)} "
+                          f"({_size(rate)}/s)   ")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
