@@ -236,7 +236,9 @@ def command_du(arguments: argparse.Namespace) -> int:
         size = native.directory_size(target)
     else:
         driver = _open_driver(arguments)
-        size = driver.diff_size(_resolve_layer(driver, target))
+        layer = _resolve_layer(driver, target)
+        parents = driver.parent_ids(layer)
+        size = driver.diff_size(layer, parents[0] if parents else "")  # the layer's own
     _print_json({"target": target, "size": size}) if arguments.json else print(size)
     return 0
 
@@ -336,16 +338,29 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. Only the top parser has
+    defaults: a subparser's default would overwrite a value given before the command."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=default_root(),
+    common.add_argument("--root", default=default(default_root()),
                         help="the store (default: $AUFS_ROOT, /var/lib/aufs as root, else "
                              "~/.local/share/aufs)")
-    common.add_argument("--backend", default="auto", choices=["auto", *BACKENDS],
+    common.add_argument("--backend", default=default("auto"), choices=["auto", *BACKENDS],
                         help="union-mount backend (default: auto)")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser = argparse.ArgumentParser(prog="aufs", parents=[common],
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="print JSON for scripts")
+    common.add_argument("--debug", action="store_true", default=default(False),
+                        help="show tracebacks and debug logs")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(defaults=False)
+    parser = argparse.ArgumentParser(prog="aufs", parents=[_common_options(defaults=True)],
                                      description="Docker's AUFS layer store on today's kernels.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}

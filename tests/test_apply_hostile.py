@@ -10,10 +10,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from tarbuild import archive, directory, member, tree_snapshot
 
 import aufs
 from conftest import IS_ROOT, Harness
+from tarbuild import archive, directory, member, tree_snapshot
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tarbuild import archive, directory, member, tree_snapshot
 
 import aufs
 from aufs.changes import layered_changes, tree_changes
 from conftest import IS_ROOT, Harness, backend_unavailable
+from tarbuild import archive, directory, member, tree_snapshot
 
 A, C, D = aufs.ChangeKind.ADD, aufs.ChangeKind.MODIFY, aufs.ChangeKind.DELETE
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tarbuild import tree_snapshot
 
 import aufs
 from conftest import IS_ROOT, Harness
+from tarbuild import tree_snapshot
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 OCI = FIXTURES / "oci-sample"
