@@ -5,6 +5,7 @@
     python -m benchmarks mountdata        # mount-data builder, native vs fallback
     python -m benchmarks mount            # Driver.get+put vs raw mount(2) on deep chains
     python -m benchmarks layers           # apply_diff and diff vs GNU tar -x and tar -c
+    python -m benchmarks imports          # aufs import vs gzip|tar, umoci unpack
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import aufs
 
-SUITES = ["dirsize", "mountdata", "mount", "layers"]
+SUITES = ["dirsize", "mountdata", "mount", "layers", "imports"]
 
 
 def main() -> None:

@@ -1,20 +1,22 @@
 """Layer compression: recognise gzip, zstd or none, and decompress while reading.
 
-gzip goes through the `pigz`/`gzip` binary when present, so that decompression runs on the
-other core while this process unpacks; Python's zlib is the fallback. zstd needs the
-optional `zstandard` package (`pip install aufs[zstd]`).
+Decompression and both digests run on a thread of their own: zlib and hashlib release the
+GIL, so they overlap with unpacking on the other core (faster here than a gzip child
+process). zstd needs the optional `zstandard` package (`pip install aufs[zstd]`).
+Compression for export goes through `pigz`/`gzip` when present.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import io
+import queue
 import shutil
 import subprocess
 import threading
 import zlib
-from collections.abc import Iterator
-from typing import BinaryIO, cast
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from aufs.errors import AufsError
 
@@ -36,112 +38,112 @@ def detect(head: bytes) -> str:
     return "none"
 
 
-class _ZlibReader(io.RawIOBase):
-    def __init__(self, source: BinaryIO) -> None:
+class _Inflater:
+    """gzip (all members) or zstd, one chunk at a time; none passes data through."""
+
+    def __init__(self, kind: str) -> None:
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS) if kind == "gzip" else None
+        self._zstd: Any = None
+        if kind == "zstd":
+            try:
+                import zstandard  # type: ignore[import-not-found, unused-ignore]
+            except ImportError:
+                raise CompressionError("this layer is zstd-compressed: install the zstd extra "
+                                       "(pip install 'aufs[zstd]')") from None
+            self._zstd = zstandard.ZstdDecompressor().decompressobj()
+
+    def feed(self, data: bytes) -> bytes:
+        if self._zstd is not None:
+            return bytes(self._zstd.decompress(data))
+        if self._zlib is None:
+            return data
+        out = [self._zlib.decompress(data)]
+        while self._zlib.eof and self._zlib.unused_data.strip(b"\0"):  # another gzip member
+            rest = self._zlib.unused_data
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out.append(self._zlib.decompress(rest))
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if self._zlib is not None and not self._zlib.eof:
+            raise CompressionError("the gzip stream ends early")
+
+
+class DecompressingReader(io.RawIOBase):
+    """The uncompressed stream of a blob. A thread reads the blob, hashes it, decompresses
+    and hashes the result (zlib and hashlib release the GIL), so the reader's thread only
+    unpacks. The two digests are ready once the stream has been read to its end."""
+
+    def __init__(self, source: BinaryIO, on_bytes: Callable[[int], None] | None = None) -> None:
         super().__init__()
-        self._source = source
-        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._pending = b""
+        self.stored_hash = hashlib.sha256()
+        self.content_hash = hashlib.sha256()
+        self.stored_bytes = 0
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(8)
+        self._pending = memoryview(b"")
+        self._finished = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, on_bytes),
+                                        name="aufs-decompress", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: BinaryIO, on_bytes: Callable[[int], None] | None) -> None:
+        try:
+            chunk = source.read(1 << 20)
+            inflater = _Inflater(detect(chunk[:4]))
+            while chunk and not self._stop.is_set():
+                self.stored_hash.update(chunk)
+                self.stored_bytes += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+                data = inflater.feed(chunk)
+                if data:
+                    self.content_hash.update(data)
+                    self._put(data)
+                chunk = source.read(1 << 20)
+            inflater.finish()
+            self._put(None)
+        except BaseException as error:  # handed to the reader
+            self._put(error)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         while not self._pending:
-            if self._inflate.eof:
-                unused = self._inflate.unused_data
-                if not unused.strip(b"\0"):
-                    return 0
-                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # another member
-                self._pending = self._inflate.decompress(unused, 1 << 20)
-                continue
-            data = self._inflate.unconsumed_tail or self._source.read(1 << 20)
-            if not data:
-                raise CompressionError("the gzip stream ends early")
-            self._pending = self._inflate.decompress(data, 1 << 20)
+            if self._finished:
+                return 0
+            item = self._queue.get()
+            if item is None:
+                self._finished = True
+                return 0
+            if isinstance(item, BaseException):
+                self._finished = True
+                raise item
+            self._pending = memoryview(item)
         count = min(len(buffer), len(self._pending))
         buffer[:count] = self._pending[:count]
         self._pending = self._pending[count:]
         return count
 
-
-class _ProcessReader(io.RawIOBase):
-    """Decompresses with a helper process; a thread feeds it the compressed stream."""
-
-    def __init__(self, command: list[str], source: BinaryIO) -> None:
-        super().__init__()
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
-        self._feed_error: BaseException | None = None
-        self._feeder = threading.Thread(target=self._feed, args=(source,), daemon=True)
-        self._feeder.start()
-
-    def _feed(self, source: BinaryIO) -> None:
-        assert self._process.stdin is not None
-        try:
-            while chunk := source.read(1 << 20):
-                self._process.stdin.write(chunk)
-        except BrokenPipeError:
+    def drain(self) -> None:
+        """Reads what is left, so that both digests cover the whole blob."""
+        scratch = memoryview(bytearray(1 << 20))
+        while self.readinto(scratch):
             pass
-        except BaseException as error:  # handed to the reader
-            self._feed_error = error
-        finally:
-            with contextlib.suppress(OSError):
-                self._process.stdin.close()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        assert self._process.stdout is not None
-        count = self._process.stdout.readinto(buffer)  # type: ignore[attr-defined]
-        if not count:
-            self._feeder.join()
-            if self._feed_error is not None:
-                raise self._feed_error
-            status = self._process.wait()
-            if status != 0:
-                message = self._process.stderr.read().decode(errors="replace").strip() \
-                    if self._process.stderr else ""
-                raise CompressionError(f"decompression failed: {message or status}")
-        return count or 0
 
     def close(self) -> None:
-        if not self.closed:
-            for stream in (self._process.stdout, self._process.stderr):
-                if stream is not None:
-                    stream.close()
-            if self._process.poll() is None:
-                self._process.kill()
-            self._process.wait()
-            self._feeder.join()
+        self._stop.set()
+        self._thread.join()
         super().close()
-
-
-@contextlib.contextmanager
-def decompressed(source: BinaryIO) -> Iterator[BinaryIO]:
-    """The uncompressed stream of a layer blob, whatever its compression."""
-    if not hasattr(source, "peek"):
-        source = cast(BinaryIO, io.BufferedReader(cast(io.RawIOBase, source), 1 << 20))
-    peek = source.peek(4)[:4]  # type: ignore[attr-defined]
-    kind = detect(peek)
-    if kind == "none":
-        yield source
-        return
-    if kind == "gzip":
-        binary = shutil.which("pigz") or shutil.which("gzip")
-        raw: io.RawIOBase = (_ProcessReader([binary, "-dc"], source) if binary
-                             else _ZlibReader(source))
-    else:
-        try:
-            import zstandard  # type: ignore[import-not-found, unused-ignore]
-        except ImportError:
-            raise CompressionError("this layer is zstd-compressed: install the zstd extra "
-                                   "(pip install 'aufs[zstd]')") from None
-        raw = cast(io.RawIOBase,
-                   zstandard.ZstdDecompressor().stream_reader(source, read_size=1 << 20))
-    with raw, io.BufferedReader(raw, 1 << 20) as reader:
-        yield cast(BinaryIO, reader)
 
 
 def gzip_stream(source: BinaryIO, destination: BinaryIO, level: int = 6) -> None:

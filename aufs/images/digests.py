@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from aufs.errors import AufsError
 
@@ -65,11 +65,16 @@ class HashingReader(io.RawIOBase):
             pass
 
     def verify(self, digest: str, what: str) -> None:
-        if self.hash.hexdigest() != parse_digest(digest):
-            raise DigestMismatchError(
-                f"{what}: content is sha256:{self.hash.hexdigest()} but {digest} was promised; "
-                "the source is corrupt or was tampered with"
-            )
+        verify_digest(self.hash, digest, what)
+
+
+def verify_digest(hash_object: Any, digest: str, what: str) -> None:
+    """Raises DigestMismatchError unless the finished hash equals the promised digest."""
+    if hash_object.hexdigest() != parse_digest(digest):
+        raise DigestMismatchError(
+            f"{what}: content is sha256:{hash_object.hexdigest()} but {digest} was promised; "
+            "the source is corrupt or was tampered with"
+        )
 
 
 def buffered(raw: io.RawIOBase) -> BinaryIO:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from aufs.driver import Driver
 from aufs.images.catalog import Catalog
-from aufs.images.compression import decompressed
-from aufs.images.digests import HashingReader, buffered, chain_ids, parse_digest
+from aufs.images.compression import DecompressingReader
+from aufs.images.digests import HashingReader, buffered, chain_ids, parse_digest, verify_digest
 from aufs.images.sources import ImageSourceError, LayerBlob, SourceImage, open_images
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,9 @@ def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, wh
                     progress: Progress | None) -> None:
     parse_digest(blob.diff_id)
     counter = (lambda count: progress("bytes", count)) if progress is not None else None
-    with blob.open() as raw:
-        stored = HashingReader(raw, counter)
-        with decompressed(buffered(stored)) as stream:
-            uncompressed = HashingReader(stream)
-            driver.apply_diff(layer, parent, buffered(uncompressed))
-            uncompressed.drain()
-        stored.drain()
+    with blob.open() as raw, DecompressingReader(raw, counter) as stream:
+        driver.apply_diff(layer, parent, buffered(stream))
+        stream.drain()
     if blob.digest is not None:
-        stored.verify(blob.digest, f"{what} blob")
-    uncompressed.verify(blob.diff_id, f"{what} content (diff_id)")
+        verify_digest(stream.stored_hash, blob.digest, f"{what} blob")
+    verify_digest(stream.content_hash, blob.diff_id, f"{what} content (diff_id)")
