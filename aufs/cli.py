@@ -17,6 +17,7 @@ from aufs import machine
 from aufs.backends import BACKENDS
 from aufs.driver import Driver
 from aufs.errors import AufsError, NotSupportedError
+from aufs.images.digests import HashingReader, buffered
 from aufs.progress import Progress
 
 log = logging.getLogger("aufs")
@@ -209,9 +210,13 @@ def command_apply(arguments: argparse.Namespace) -> int:
     if not driver.exists(arguments.layer):
         driver.create(arguments.layer, parent)
     source = sys.stdin.buffer if arguments.file == "-" else open(arguments.file, "rb")  # noqa: SIM115
+    progress = Progress("apply", layers=1)
     try:
-        size = driver.apply_diff(arguments.layer, parent, source)
+        counted = buffered(HashingReader(source, lambda count: progress("bytes", count)))
+        size = driver.apply_diff(arguments.layer, parent, counted)
+        progress("layer", 1)
     finally:
+        progress.done()
         if source is not sys.stdin.buffer:
             source.close()
     _print_json({"layer": arguments.layer, "size": size}) if arguments.json else print(size)
