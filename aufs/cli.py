@@ -309,6 +309,27 @@ def command_rescue(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_fsck(arguments: argparse.Namespace) -> int:
+    from aufs import fsck
+
+    root = os.path.abspath(arguments.root)
+    if arguments.repair:
+        repaired, remaining = fsck.repair(root)
+    else:
+        repaired, remaining = [], fsck.check(root)
+    if arguments.json:
+        _print_json({"repaired": [p.__dict__ for p in repaired],
+                     "problems": [p.__dict__ for p in remaining]})
+    else:
+        for problem in repaired:
+            print(f"repaired {problem.code}: {problem.path}")
+        for problem in remaining:
+            print(problem)
+        if not remaining:
+            print(f"{root}: clean")
+    return 1 if remaining else 0
+
+
 def command_demo(arguments: argparse.Namespace) -> int:
     from aufs.demo import run_demo
 
@@ -338,6 +359,8 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "aufs migrate --to overlay"),
     ("rescue", command_rescue, "export the images of a Docker aufs data root as OCI",
      "aufs rescue /var/lib/docker -o rescued-oci"),
+    ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe",
+     "aufs fsck --repair"),
     ("demo", command_demo, "import the sample image, mount, change, export, clean up",
      "aufs demo"),
 ]
@@ -392,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["rm"].add_argument("--force", action="store_true",
                                help="detach busy mounts lazily instead of failing")
     parsers["migrate"].add_argument("--to", required=True, choices=["overlay", "aufs"])
+    parsers["fsck"].add_argument("--repair", action="store_true",
+                                 help="repair what can be repaired without losing data")
     parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")
     parsers["rescue"].add_argument("-o", "--output", required=True, help="the OCI layout to write")
     return parser

@@ -111,7 +111,7 @@ class Extractor:
                     self._entry(header, reader)
                 except TarFormatError as error:
                     raise DiffError(f"entry {name!r}: {error}") from None
-                except ValueError as error:
+                except (ValueError, OverflowError) as error:
                     raise DiffError(f"entry {name!r}: {error}") from None
                 except OSError as error:
                     raise DiffError(f"entry {name!r}: {error.strerror or error}") from error

@@ -29,6 +29,8 @@ class IDMap:
             container_id, host_id, size = (int(value) for value in triple)
             if container_id < 0 or host_id < 0 or size <= 0:
                 raise ValueError(f"id map entry {tuple(triple)!r} has a negative id or no size")
+            if max(container_id, host_id) + size > 2**32 - 1:
+                raise ValueError(f"id map entry {tuple(triple)!r} passes the largest id")
             ranges.append(IDRange(container_id, host_id, size))
         return cls(tuple(ranges))
 

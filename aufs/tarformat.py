@@ -120,6 +120,24 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
     return records
 
 
+ID_LIMIT = 2**32 - 1  # (uid_t)-1 means "no change" to chown
+TIME_LIMIT_NS = 2**33 * 1_000_000_000  # about 272 years either side of 1970
+
+
+def check_ranges(header: TarHeader) -> None:
+    """Refuses numbers no filesystem can take: the header parsed, but it is not a file."""
+    for what, value, limit in (("uid", header.uid, ID_LIMIT), ("gid", header.gid, ID_LIMIT),
+                               ("devmajor", header.devmajor, 2**32),
+                               ("devminor", header.devminor, 2**32)):
+        if not 0 <= value < limit:
+            raise TarFormatError(f"{what} {value} is out of range")
+    for what, time_ns in (("mtime", header.mtime_ns), ("atime", header.atime_ns)):
+        if time_ns is not None and not -TIME_LIMIT_NS < time_ns < TIME_LIMIT_NS:
+            raise TarFormatError(f"{what} {time_ns // 1_000_000_000} s is out of range")
+    if header.realsize is not None and header.realsize < 0:
+        raise TarFormatError(f"negative sparse size {header.realsize}")
+
+
 def parse_decimal(value: bytes, what: str) -> int:
     text = value.decode("ascii", "replace")
     if not text.isdigit():

@@ -22,6 +22,7 @@ from aufs.tarformat import (
     TarFormatError,
     TarHeader,
     apply_pax,
+    check_ranges,
     gnu_sparse_is_extended,
     parse_gnu_sparse_entries,
     parse_header,
@@ -174,6 +175,7 @@ class TarReader:
             if long_link is not None:
                 header.linkname = long_link
             apply_pax(header, pax)
+            check_ranges(header)
             if "size" in pax and raw_size and header.size != raw_size:
                 raise TarFormatError(
                     f"PAX size {header.size} contradicts the header's size {raw_size}")

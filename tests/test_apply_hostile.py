@@ -261,3 +261,22 @@ def test_failed_apply_keeps_the_layer_exactly(layer: tuple[aufs.Driver, str], ho
         member("../escape", data=b"x")]), "climbs out")
     assert tree_snapshot(branch) == before
     assert (branch / "keep" / "file").read_bytes() == b"original"
+
+
+@pytest.mark.parametrize("pax", [{"uid": str(2**40)}, {"gid": "4294967295"},
+                                 {"mtime": str(10**20)}])
+def test_numbers_out_of_range_are_refused(layer: tuple[aufs.Driver, str], host: Path,
+                                          pax: dict[str, str]) -> None:
+    """Found by the fuzz campaign: these leaked OverflowError instead of DiffError."""
+    driver, layer_id = layer
+    apply_expecting_error(driver, layer_id, host, archive([member("f", data=b"x", pax=pax)]),
+                          "out of range")
+
+
+def test_negative_base256_owner_is_refused(layer: tuple[aufs.Driver, str], host: Path) -> None:
+    data = bytearray(archive([member("f", data=b"x")], tarfile.GNU_FORMAT))
+    data[116:124] = b"\xff" * 8  # gid -1 in GNU base-256
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])
+    driver, layer_id = layer
+    apply_expecting_error(driver, layer_id, host, bytes(data), "gid -1 is out of range")

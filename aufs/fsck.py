@@ -1,0 +1,246 @@
+"""Checking a store's invariants, and repairing what is safe to repair.
+
+A healthy root: every layer in layers/ has its diff/ dir and an intact parent chain; nothing
+is half done (no staging entry without a live owner, no `*-removing`, no migration under
+way); no mount under mnt/ belongs to a layer that does not exist; no dir in diff/ or mnt/
+lacks its layer; the whiteouts found agree with the format marker; every tag names a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+
+from aufs import _implementation as native
+from aufs import whiteouts
+from aufs.atomic import atomic_remove, remove_tree
+from aufs.errors import AufsError
+from aufs.ids import REMOVING_SUFFIX, validate_layer_id
+from aufs.locking import RootLock
+from aufs.store import Store
+
+MNT_DETACH = 0x2
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str
+    path: str
+    message: str
+    repair: str  # what --repair does, or what to do by hand
+    safe: bool  # --repair does it: nothing that still holds data is lost
+
+    def __str__(self) -> str:
+        how = "repairable with --repair" if self.safe else "by hand"
+        return f"{self.code}: {self.path}: {self.message} ({how}: {self.repair})"
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def _mounts_under(directory: str) -> list[str]:
+    """Mount points below directory, from /proc/self/mountinfo (octal escapes decoded)."""
+    found = []
+    prefix = directory.rstrip("/") + "/"
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            target = line.split()[4].decode("unicode_escape").encode("latin-1")
+            path = os.fsdecode(target)
+            if path.startswith(prefix):
+                found.append(path)
+    return found
+
+
+def _staging_in_use(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
+
+
+def _aufs_whiteouts_in(branch: str) -> str | None:
+    """A `.wh.` file below the branch's top (aufs metadata aside), if there is one."""
+    for directory, dirnames, filenames in os.walk(branch):
+        if directory == branch:
+            dirnames[:] = [d for d in dirnames if not d.startswith(whiteouts.META_PREFIX)]
+        for name in filenames:
+            if name.startswith(whiteouts.PREFIX) and not (
+                    directory == branch and name.startswith(whiteouts.META_PREFIX)):
+                return os.path.join(directory, name)
+    return None
+
+
+def check(root: str) -> list[Problem]:
+    """Every problem found in the store at root."""
+    store = Store(os.path.abspath(root))
+    problems: list[Problem] = []
+    add = problems.append
+    ids = set()
+    for name in _listdir(store.layers_dir):
+        path = store.layer_file(name)
+        if os.path.isdir(path):
+            continue
+        try:
+            validate_layer_id(name)
+        except AufsError:
+            add(Problem("bad-layer-name", path, "a file in layers/ that is no layer id",
+                        "move it out of layers/", False))
+            continue
+        ids.add(name)
+    chains: dict[str, list[str]] = {}
+    for layer in sorted(ids):
+        try:
+            chains[layer] = store.parent_ids(layer)
+        except AufsError as error:
+            add(Problem("corrupt-layers-file", store.layer_file(layer), str(error),
+                        "restore the file from a backup, or remove the layer", False))
+    has_children = {parents[0] for parents in chains.values() if parents}
+    for layer, parents in chains.items():
+        if not os.path.isdir(store.diff_path(layer)):
+            if layer in has_children:
+                add(Problem("missing-diff", store.diff_path(layer), "the layer's content is "
+                            "gone and other layers build on it",
+                            "remove its children, then the layer", False))
+            else:
+                add(Problem("missing-diff", store.diff_path(layer), "the layer's content is "
+                            "gone", "remove the layer's metadata (its content is already lost)",
+                            True))
+        missing = [parent for parent in parents if parent not in ids]
+        if missing:
+            add(Problem("missing-parent", store.layer_file(layer),
+                        f"ancestor {missing[0]} does not exist",
+                        "restore that layer, or remove this one", False))
+        elif parents and parents[0] in chains and [parents[0], *chains[parents[0]]] != parents:
+            add(Problem("inconsistent-chain", store.layer_file(layer),
+                        "its ancestors differ from its parent's own chain",
+                        "restore the layers file from a backup", False))
+
+    for directory in (store.diff_dir, store.mnt_dir, store.work_dir):
+        for name in _listdir(directory):
+            path = os.path.join(directory, name)
+            if name.endswith(REMOVING_SUFFIX):
+                add(Problem("stale-removing", path, "a removal that did not finish",
+                            "delete it", True))
+            elif name not in ids and os.path.isdir(path):
+                add(Problem("orphan-dir", path, "no layer owns this dir (an interrupted "
+                            "create or remove)", "delete it", True))
+    for name in _listdir(store.staging_dir):
+        path = os.path.join(store.staging_dir, name)
+        if os.path.isdir(path) and not _staging_in_use(path):
+            add(Problem("abandoned-staging", path, "work left by an interrupted apply or "
+                        "migration", "delete it (the layer it was for is unchanged)", True))
+    for target in _mounts_under(store.mnt_dir):
+        layer = os.path.relpath(target, store.mnt_dir).split("/")[0]
+        if layer not in ids:
+            add(Problem("orphan-mount", target, "a mount for a layer that does not exist",
+                        "unmount it (lazily)", True))
+
+    marker = None
+    try:
+        marker = store.read_format()
+    except AufsError as error:
+        add(Problem("bad-format-marker", os.path.join(store.root, "whiteout-format"),
+                    str(error), "write aufs or overlay into it", False))
+    heading = None
+    try:
+        with open(os.path.join(store.root, "migration.json")) as handle:
+            heading = json.load(handle).get("to")
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        add(Problem("bad-migration-state", os.path.join(store.root, "migration.json"),
+                    "unreadable", "delete it, then run `aufs migrate` again", False))
+    if heading:
+        add(Problem("migration-in-progress", store.root, f"half way to {heading} whiteouts",
+                    f"finish it (aufs migrate --to {heading})", True))
+    elif marker == "overlay":
+        for layer in sorted(ids):
+            found = _aufs_whiteouts_in(store.diff_path(layer))
+            if found:
+                add(Problem("format-mismatch", found, "an AUFS whiteout in an overlay-format "
+                            "store (overlayfs shows it as a file)",
+                            "convert that layer's whiteouts to overlay", True))
+    problems.extend(_check_tags(store, ids))
+    return problems
+
+
+def _check_tags(store: Store, ids: set[str]) -> list[Problem]:
+    from aufs.images.catalog import Catalog
+
+    catalog = Catalog(store)
+    try:
+        tags = catalog.tags()
+    except AufsError as error:
+        return [Problem("corrupt-tag-index", catalog.index_path, str(error),
+                        "delete the index (tags are lost, layers stay)", False)]
+    return [Problem("dangling-tag", catalog.index_path, f"tag {tag.name!r} names missing "
+                    f"layer {tag.top[:12]}", "remove the tag", True)
+            for tag in tags.values() if tag.top not in ids]
+
+
+def repair(root: str) -> tuple[list[Problem], list[Problem]]:
+    """Repairs every safe problem, holding the root lock (so no create or apply runs at the
+    same time in another process); returns (repaired, still there)."""
+    store = Store(os.path.abspath(root))
+    repaired = []
+    lock = RootLock(store.layers_dir) if os.path.isdir(store.layers_dir) else None
+    with lock.hold() if lock is not None else contextlib.nullcontext():
+        for problem in check(root):
+            if problem.safe:
+                _repair_one(store, problem)
+                repaired.append(problem)
+    if lock is not None:
+        lock.close()
+    return repaired, check(root)
+
+
+def _repair_one(store: Store, problem: Problem) -> None:
+    from aufs.images.catalog import Catalog
+    from aufs.migrate import migrate, to_overlay
+    from aufs.staging import clone_tree, exchange
+
+    if problem.code == "orphan-mount":
+        native.unmount(problem.path, MNT_DETACH)
+    elif problem.code in ("stale-removing", "abandoned-staging"):
+        remove_tree(problem.path)
+    elif problem.code == "orphan-dir":
+        if os.path.ismount(problem.path):
+            native.unmount(problem.path, MNT_DETACH)
+        atomic_remove(problem.path)
+    elif problem.code == "missing-diff":
+        layer = os.path.basename(problem.path)
+        store.remove_layer_file(layer)
+        for path in (store.mount_path(layer), store.work_path(layer)):
+            if os.path.isdir(path) and not os.path.ismount(path):
+                atomic_remove(path)
+    elif problem.code == "migration-in-progress":
+        with open(os.path.join(store.root, "migration.json")) as handle:
+            migrate(store, json.load(handle)["to"])
+    elif problem.code == "format-mismatch":
+        layer = os.path.relpath(problem.path, store.diff_dir).split("/")[0]
+        with store.staging("fsck") as staging:
+            clone = os.path.join(staging, "tree")
+            clone_tree(store.diff_path(layer), clone)
+            to_overlay(clone)
+            exchange(clone, store.diff_path(layer))
+    elif problem.code == "dangling-tag":
+        catalog = Catalog(store)
+        for tag in catalog.tags().values():
+            if not store.exists(tag.top):
+                catalog.remove_tag(tag.name)
+

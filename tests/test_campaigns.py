@@ -1,0 +1,33 @@
+"""Short runs of the reliability campaigns in tests/campaigns/ (the long runs are commands:
+see each module's docstring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from campaigns import crash, fuzz
+
+from conftest import IS_ROOT, backend_unavailable
+
+
+@pytest.mark.skipif(bool(backend_unavailable("fuse-overlayfs")),
+                    reason=str(backend_unavailable("fuse-overlayfs")))
+def test_crash_campaign_short(tmp_path: Path) -> None:
+    result = crash.run_campaign(str(tmp_path / "root"), kills=40, seed=7,
+                                backend="fuse-overlayfs")
+    assert result.kills == 40
+    assert result.layers_checked > 40
+    assert result.violations == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="devices and owners in archives need root")
+def test_fuzz_apply_short(tmp_path: Path) -> None:
+    arena = fuzz.Arena(tmp_path)
+    fuzz.fuzz_apply(arena, examples=300, seed=3)
+    assert arena.examples == 300
+
+
+def test_fuzz_layers_parser_and_mount_data_short(tmp_path: Path) -> None:
+    fuzz.fuzz_layers_parser(tmp_path, examples=200)
+    fuzz.fuzz_mount_data(examples=200)
