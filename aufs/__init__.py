@@ -27,16 +27,18 @@ from aufs.backends import (
     OverlayBackend,
 )
 from aufs.changes import Change, ChangeKind
-from aufs.driver import CreateOpts, Driver, LayerInUseError, UnbalancedPutError
+from aufs.driver import CreateOpts, Driver
 from aufs.errors import (
     AufsError,
     DiffError,
     IncompatibleFSError,
     InvalidLayerIDError,
     LayerExistsError,
+    LayerInUseError,
     LayerNotFoundError,
     MountError,
     NotSupportedError,
+    UnbalancedPutError,
     UnmountBusyError,
 )
 from aufs.fsmagic import FS_NAMES, FsMagic, backing_fs_name

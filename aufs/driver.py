@@ -19,7 +19,9 @@ from aufs.changes import Change
 from aufs.errors import (
     AufsError,
     LayerExistsError,
+    LayerInUseError,
     LayerNotFoundError,
+    UnbalancedPutError,
     UnmountBusyError,
 )
 from aufs.fsmagic import backing_fs_name
@@ -43,14 +45,6 @@ class CreateOpts:
 
     mount_label: str = ""
     storage_opt: Mapping[str, str] = field(default_factory=dict)
-
-
-class UnbalancedPutError(AufsError):
-    """put() of a layer this process holds no reference to, and that is not mounted."""
-
-
-class LayerInUseError(AufsError):
-    """The layer is the parent of other layers, or is held by another process."""
 
 
 class Driver:
@@ -213,6 +207,14 @@ class Driver:
             held = self._references.count(layer_id)
             self._references.forget(layer_id)
             try:
+                if LayerReferences.changing(self._store.layer_file(layer_id)):
+                    raise LayerInUseError(f"layer {layer_id!r} is being changed (an apply is "
+                                          "under way); retry when it is done")
+                if (not force and not self._backend.is_mounted(self._store.mount_path(layer_id))
+                        and LayerReferences.held_elsewhere(self._store.diff_path(layer_id))):
+                    raise LayerInUseError(
+                        f"layer {layer_id!r} is in use by another process (or an apply or diff "
+                        "under way); put it there first, or remove with force=True")
                 self._unmount_layer(layer_id, force=force, refuse_if_shared=True)
             except BaseException:
                 self._references.restore(layer_id, self._store.diff_path(layer_id), held)
@@ -232,10 +234,12 @@ class Driver:
             if self._references.count(layer_id) > 0 and (
                 not parents or self._backend.is_mounted(path)
             ):
-                self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                self._acquire(layer_id)
                 return path
             with self._root_lock.hold():
-                self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                parents = self._store.parent_ids(layer_id)  # again: another process may
+                path = self._path_for(layer_id, parents)  # have removed it meanwhile
+                self._acquire(layer_id)
                 try:
                     if parents and not self._backend.is_mounted(path):
                         if self._backend.needs_work_dir:
@@ -251,8 +255,12 @@ class Driver:
         layer. A mount that stays busy raises UnmountBusyError and stays held."""
         layer_id = validate_layer_id(layer_id)
         with self._id_locks.hold(layer_id):
-            parents = self._store.parent_ids(layer_id)
             count = self._references.count(layer_id)
+            try:
+                parents = self._store.parent_ids(layer_id)
+            except LayerNotFoundError:
+                self._references.forget(layer_id)  # it went away: let go of what we held
+                raise
             if count > 1:
                 self._references.release(layer_id)
                 return
@@ -336,6 +344,13 @@ class Driver:
         self.cleanup()
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _acquire(self, layer_id: str) -> None:
+        try:
+            self._references.acquire(layer_id, self._store.diff_path(layer_id))
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {layer_id!r} lost its content ({self.root}/diff/"
+                                     f"{layer_id} is missing); see `aufs fsck`") from None
 
     def _path_for(self, layer_id: str, parents: Sequence[str]) -> str:
         if parents:

@@ -36,6 +36,15 @@ class LayerExistsError(AufsError):
     """A layer with this id already exists."""
 
 
+class LayerInUseError(AufsError):
+    """The layer is the parent of other layers, or another process (or an apply, or a diff
+    being read) holds it."""
+
+
+class UnbalancedPutError(AufsError):
+    """put() of a layer this process holds no reference to, and that is not mounted."""
+
+
 class MountError(AufsError):
     """A mount or unmount failed. Carries the errno, the mount target and the mount data."""
 

@@ -45,6 +45,7 @@ from aufs.tarstream import TarReader
 log = logging.getLogger(__name__)
 
 PATH_MAX = 4096
+ENVIRONMENT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -114,6 +115,9 @@ class Extractor:
                 except (ValueError, OverflowError) as error:
                     raise DiffError(f"entry {name!r}: {error}") from None
                 except OSError as error:
+                    if error.errno in ENVIRONMENT_ERRORS:  # the disk, not the archive
+                        raise OSError(error.errno, f"{error.strerror} while unpacking entry "
+                                      f"{name!r}", self.tree.path) from error
                     raise DiffError(f"entry {name!r}: {error.strerror or error}") from error
                 self.result.entries += 1
                 self.result.header_bytes += header.realsize or header.size

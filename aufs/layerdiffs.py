@@ -14,10 +14,11 @@ from aufs.atomic import remove_tree
 from aufs.backends import MountRequest
 from aufs.beneath import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 from aufs.changes import Change, ChangeKind, changes_size, layered_changes, tree_changes
-from aufs.errors import AufsError, DiffError, LayerNotFoundError
+from aufs.errors import AufsError, DiffError, LayerInUseError, LayerNotFoundError
 from aufs.export import ExportOptions, TarPipe, write_entries, write_tree
 from aufs.extract import ExtractOptions, WhiteoutMode, extract
 from aufs.ids import validate_layer_id
+from aufs.locking import LayerReferences
 from aufs.staging import clone_tree, exchange
 
 if TYPE_CHECKING:
@@ -122,7 +123,10 @@ class LayerDiffs:
         options = self._export_options()
         if self.is_parent(layer_id, parent):
             branch = self.store.diff_path(layer_id)
-            return self._stream(lambda out: write_tree(branch, out, options))
+            with self.driver._root_lock.hold():
+                hold = self._hold(layer_id)
+            return self._stream(lambda out: write_tree(branch, out, options),
+                                on_close=lambda: os.close(hold))
         layer_fs = self.driver.get(layer_id)
         parent_fs = None
         try:
@@ -153,26 +157,60 @@ class LayerDiffs:
         layer_id, parent = self._check(layer_id, parent)
         driver = self.driver
         with driver._id_locks.hold(layer_id):
-            if driver._references.count(layer_id) or driver._backend.is_mounted(
-                    self.store.mount_path(layer_id)):
-                raise DiffError(f"layer {layer_id!r} is mounted: put it before applying a diff")
-            fast = self.is_parent(layer_id, parent)
-            with self.store.staging("apply") as staging:
-                tree = os.path.join(staging, "tree")
-                clone_tree(self.store.diff_path(layer_id), tree)
-                if fast:
-                    mode = (WhiteoutMode.OVERLAY if driver.whiteout_format == "overlay"
-                            else WhiteoutMode.LITERAL)
-                    extract(stream, tree, ExtractOptions(mode, driver.id_mapping, allow_devices))
-                    size = None
-                else:
-                    size = self._apply_through_union(layer_id, staging, tree, stream,
-                                                     allow_devices)
-                with driver._root_lock.hold():
-                    exchange(tree, self.store.diff_path(layer_id))
-                remove_tree(tree)
-        if size is None:
-            return native.directory_size(self.store.diff_path(layer_id))
+            with driver._root_lock.hold():
+                if driver._references.count(layer_id) or driver._backend.is_mounted(
+                        self.store.mount_path(layer_id)):
+                    raise DiffError(f"layer {layer_id!r} is mounted: put it before applying "
+                                    "a diff")
+                if LayerReferences.held_elsewhere(self.store.diff_path(layer_id)):
+                    # the swap at the end would pull the layer from under its users
+                    raise LayerInUseError(f"layer {layer_id!r} is in use (held by another "
+                                          "process, or a diff is being read): put it first")
+                hold = self._hold(layer_id)
+            try:
+                # one apply per layer at a time, and no remove meanwhile, in any process
+                guard = LayerReferences.lock_for_change(self.store.layer_file(layer_id))
+            finally:
+                os.close(hold)
+            try:
+                if not self.store.exists(layer_id):
+                    raise LayerNotFoundError(f"layer {layer_id!r} was removed meanwhile")
+                size = self._apply_staged(layer_id, parent, stream, allow_devices)
+                if size is None:
+                    size = native.directory_size(self.store.diff_path(layer_id))
+            finally:
+                os.close(guard)
+        return size
+
+    def _hold(self, layer_id: str) -> int:
+        if not self.store.exists(layer_id):
+            raise LayerNotFoundError(f"layer {layer_id!r} does not exist in {self.store.root}")
+        try:
+            return LayerReferences.hold_shared(self.store.diff_path(layer_id))
+        except FileNotFoundError:
+            raise LayerNotFoundError(f"layer {layer_id!r} lost its content; see `aufs fsck`"
+                                     ) from None
+
+    def _apply_staged(self, layer_id: str, parent: str, stream: BinaryIO,
+                      allow_devices: bool) -> int | None:
+        """The apply proper, into a staged clone swapped in at the end; None on the fast
+        path (the caller measures the branch)."""
+        driver = self.driver
+        fast = self.is_parent(layer_id, parent)
+        with self.store.staging("apply") as staging:
+            tree = os.path.join(staging, "tree")
+            clone_tree(self.store.diff_path(layer_id), tree)
+            if fast:
+                mode = (WhiteoutMode.OVERLAY if driver.whiteout_format == "overlay"
+                        else WhiteoutMode.LITERAL)
+                extract(stream, tree, ExtractOptions(mode, driver.id_mapping, allow_devices))
+                size = None
+            else:
+                size = self._apply_through_union(layer_id, staging, tree, stream,
+                                                 allow_devices)
+            with driver._root_lock.hold():
+                exchange(tree, self.store.diff_path(layer_id))
+            remove_tree(tree)
         return size
 
     def _apply_through_union(self, layer_id: str, staging: str, tree: str, stream: BinaryIO,

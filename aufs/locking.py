@@ -118,6 +118,39 @@ class LayerReferences:
             self.forget(layer_id)
 
     @staticmethod
+    def hold_shared(diff_path: str) -> int:
+        """A shared flock on a layer that is not counted as a reference (an apply or a diff
+        under way): other processes see the layer as held. Close the fd to let go."""
+        fd = os.open(diff_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    @staticmethod
+    def lock_for_change(layer_file: str) -> int:
+        """An exclusive flock on layers/<id> for an apply: it does not move when the diff dir
+        is swapped, so it guards the layer for the whole operation. Close the fd to let go."""
+        fd = os.open(layer_file, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    @staticmethod
+    def changing(layer_file: str) -> bool:
+        """True while an apply (in any process) holds layers/<id>."""
+        try:
+            fd = os.open(layer_file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
+
+    @staticmethod
     def held_elsewhere(diff_path: str) -> bool:
         """True when another process (or another Driver) holds a reference to this layer."""
         try:

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -206,11 +207,11 @@ class Store:
     def staging(self, purpose: str) -> Iterator[str]:
         """A private directory on the store's filesystem, flocked while in use so that
         another process's start-up cleanup leaves it alone; removed afterwards."""
-        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
-        path = tempfile.mkdtemp(prefix=f"{purpose}-", dir=self.staging_dir)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with self._staging_locked():  # so no cleanup sees it before it is locked
+            path = tempfile.mkdtemp(prefix=f"{purpose}-", dir=self.staging_dir)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield path
         finally:
             try:
@@ -238,7 +239,28 @@ class Store:
                         log.error("error removing stale layer dir %s: %s", entry.path, error)
         self._clean_abandoned_staging()
 
+    @contextlib.contextmanager
+    def _staging_locked(self) -> Iterator[None]:
+        """An exclusive flock on staging/ itself: held while an entry is made and locked,
+        and while abandoned entries are looked for."""
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        fd = os.open(self.staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _clean_abandoned_staging(self) -> None:
+        if not os.path.isdir(self.staging_dir):
+            return
+        try:
+            with self._staging_locked():
+                self._remove_abandoned_staging()
+        except OSError as error:  # a read-only root, say: nothing to clean there anyway
+            log.debug("cannot clean %s: %s", self.staging_dir, error)
+
+    def _remove_abandoned_staging(self) -> None:
         try:
             entries = list(os.scandir(self.staging_dir))
         except OSError:
@@ -271,8 +293,11 @@ class Store:
 
 
 def _set_mode_and_owner(path: str, mode: int, owner: tuple[int, int]) -> None:
-    os.chmod(path, mode)
+    """Docker re-applies these on every start; only change what differs, so that a root on
+    a read-only mount still opens."""
     info = os.lstat(path)
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
     if (info.st_uid, info.st_gid) != owner:
         try:
             os.chown(path, *owner)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from campaigns import crash, fuzz
+from campaigns import concurrency, crash, fuzz
 
 from conftest import IS_ROOT, backend_unavailable
 
@@ -31,3 +31,12 @@ def test_fuzz_apply_short(tmp_path: Path) -> None:
 def test_fuzz_layers_parser_and_mount_data_short(tmp_path: Path) -> None:
     fuzz.fuzz_layers_parser(tmp_path, examples=200)
     fuzz.fuzz_mount_data(examples=200)
+
+
+@pytest.mark.skipif(bool(backend_unavailable("overlay")),
+                    reason=str(backend_unavailable("overlay")))
+def test_concurrency_campaign_short(tmp_path: Path) -> None:
+    total, violations = concurrency.run_campaign(str(tmp_path / "root"), seconds=8, threads=3,
+                                                 processes=2, backend="overlay")
+    assert total.operations > 100
+    assert violations == []

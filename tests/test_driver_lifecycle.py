@@ -4,6 +4,7 @@ mounts kept intact, references across processes, nothing left behind by a failur
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import aufs
+import tarbuild
 from aufs.store import Store
 from conftest import Harness
 
@@ -262,3 +264,88 @@ def test_mount_left_by_a_crashed_process_is_adopted(driver: aufs.Driver, harness
     holder.wait()
     fresh.put("2")
     assert not harness.is_mounted(path)
+
+
+# ---- races the concurrency campaign found (tests/campaigns/concurrency.py) --------------------
+
+
+def test_remove_refuses_a_base_layer_another_process_holds(driver: aufs.Driver,
+                                                          harness: Harness) -> None:
+    harness.require_union()  # the holder is another process: it opens the real backend
+    driver.create("base")
+    holder = start_holder(driver.root, driver.backend, "base", "hold")
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        holder.stdout.readline()
+        with pytest.raises(aufs.LayerInUseError, match="another process"):
+            driver.remove("base")  # not mounted, but held: it used to be deleted under it
+        assert driver.exists("base")
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+    finally:
+        holder.kill()
+        holder.wait()
+    driver.remove("base")
+
+
+def test_remove_waits_for_an_apply_under_way(driver: aufs.Driver) -> None:
+    from aufs.locking import LayerReferences
+
+    driver.create("target")
+    guard = LayerReferences.lock_for_change(driver.store.layer_file("target"))
+    try:
+        with pytest.raises(aufs.LayerInUseError, match="being changed"):
+            driver.remove("target")
+    finally:
+        os.close(guard)
+    driver.remove("target")
+
+
+def test_get_of_a_layer_whose_content_vanished(driver: aufs.Driver) -> None:
+    import shutil
+
+    driver.create("gone")
+    shutil.rmtree(driver.store.diff_path("gone"))
+    with pytest.raises(aufs.LayerNotFoundError, match="aufs fsck"):
+        driver.get("gone")
+
+
+def test_staging_in_use_survives_another_drivers_cleanup(harness: Harness, scratch: Path
+                                                         ) -> None:
+    first = harness.driver(scratch / "root")
+    with first.store.staging("apply") as staging:
+        Path(staging, "work").write_text("in progress")
+        harness.driver(scratch / "root")  # a second opener cleans abandoned staging
+        assert Path(staging, "work").read_text() == "in progress"
+    assert os.listdir(first.store.staging_dir) == []
+
+
+def test_apply_refuses_a_layer_another_process_holds(driver: aufs.Driver,
+                                                     harness: Harness) -> None:
+    """Found by the concurrency campaign: the apply's swap moved the layer's dir from under
+    the holder's lock, so the layer could then be removed under its user."""
+    harness.require_union()  # the holder is another process: it opens the real backend
+    driver.create("base")
+    holder = start_holder(driver.root, driver.backend, "base", "hold")
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        holder.stdout.readline()
+        with pytest.raises(aufs.LayerInUseError, match="put it first"):
+            driver.apply_diff("base", "", io.BytesIO(tarbuild.archive([
+                tarbuild.member("f", data=b"x")])))
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_put_lets_go_of_a_layer_that_vanished(driver: aufs.Driver) -> None:
+    driver.create("base")
+    driver.get("base")
+    os.unlink(driver.store.layer_file("base"))  # by hand, under a user
+    with pytest.raises(aufs.LayerNotFoundError):
+        driver.put("base")
+    assert driver.status()[-1] == ("Layers Held", "0")
