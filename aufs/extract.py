@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aufs import _implementation as native
-from aufs import whiteouts
+from aufs import machine, whiteouts
 from aufs.beneath import BeneathRoot
 from aufs.errors import DiffError
 from aufs.idmap import IdentityMapping
@@ -89,7 +89,9 @@ class Extractor:
         self.options = options
         self.tree = BeneathRoot(target)
         self.result = ExtractResult()
-        self.is_root = os.geteuid() == 0
+        # root inside a user namespace cannot give files ids outside its map: like an
+        # unprivileged user, it keeps what it may and warns once about the rest
+        self.is_root = os.geteuid() == 0 and not machine.in_user_namespace()
         self._dir_times: list[tuple[str, int, int]] = []
         self._unpacked: set[str] = set()  # APPLY mode: what this layer put there
         self._warned: set[str] = set()
@@ -351,8 +353,8 @@ class Extractor:
     def _chown_fd(self, fd: int, uid: int, gid: int) -> None:
         try:
             os.fchown(fd, uid, gid)
-        except PermissionError:
-            if self.is_root:
+        except OSError as error:
+            if self.is_root or error.errno not in (errno.EPERM, errno.EINVAL):
                 raise
             self._warn_once("chown", "cannot chown as an unprivileged user; files keep our "
                                      "own owner, first: uid %s", uid)
@@ -360,8 +362,8 @@ class Extractor:
     def _chown_entry(self, parent_fd: int, base: str, uid: int, gid: int) -> None:
         try:
             os.chown(base, uid, gid, dir_fd=parent_fd, follow_symlinks=False)
-        except PermissionError:
-            if self.is_root:
+        except OSError as error:
+            if self.is_root or error.errno not in (errno.EPERM, errno.EINVAL):
                 raise
             self._warn_once("chown", "cannot chown as an unprivileged user; files keep our "
                                      "own owner, first: uid %s", uid)
