@@ -323,3 +323,18 @@ def test_demo_runs_every_step(tmp_path: Path) -> None:
 
 def test_the_shipped_sample_is_what_the_code_makes() -> None:
     assert Path(shipped_sample_path()).read_bytes() == build_sample_image()
+
+
+def test_fsck_reports_then_repairs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run(root, "import", shipped_sample_path())
+    assert run(root, "fsck").stdout.strip().endswith(": clean")
+    (root / "diff" / "leftover-removing").mkdir()
+    (root / "mnt" / "orphan").mkdir()
+    found = run(root, "fsck", "--json", check=False)
+    assert found.returncode == 1
+    codes = sorted(p["code"] for p in json.loads(found.stdout)["problems"])
+    assert codes == ["orphan-dir", "stale-removing"]
+    repaired = run(root, "fsck", "--repair")
+    assert "repaired stale-removing" in repaired.stdout
+    assert run(root, "fsck").returncode == 0
