@@ -23,6 +23,10 @@ from aufs.progress import Progress
 log = logging.getLogger("aufs")
 
 
+class CommandError(AufsError):
+    """A command that cannot do what was asked; the message says what to do."""
+
+
 class LayerListing(NamedTuple):
     id: str
     parent: str
@@ -330,6 +334,64 @@ def command_fsck(arguments: argparse.Namespace) -> int:
     return 1 if remaining else 0
 
 
+def _credentials(arguments: argparse.Namespace, registry: str) -> Any:
+    from aufs.images.registry import Credentials, docker_config_credentials
+
+    password = arguments.password
+    if arguments.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    if arguments.username:
+        if password is None:
+            raise CommandError("--username needs --password or --password-stdin")
+        return Credentials(arguments.username, password)
+    return docker_config_credentials(registry)
+
+
+def command_pull(arguments: argparse.Namespace) -> int:
+    from aufs.images.pull import pull
+    from aufs.images.registry import Reference
+
+    reference = Reference.parse(arguments.reference)
+    driver = _open_driver(arguments)
+    progress = Progress("pull")
+    try:
+        image = pull(driver, _catalog(driver), arguments.reference, arguments.tag,
+                     platform=arguments.platform,
+                     credentials=_credentials(arguments, reference.registry),
+                     insecure=arguments.insecure, jobs=arguments.jobs, progress=progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json(image.__dict__)
+    else:
+        print(f"{image.name}: {len(image.layers)} layers ({len(image.created)} fetched), "
+              f"top {image.top[:12]}")
+    return 0
+
+
+def command_push(arguments: argparse.Namespace) -> int:
+    from aufs.images.push import push
+    from aufs.images.registry import Reference
+
+    reference = Reference.parse(arguments.destination)
+    driver = _open_driver(arguments)
+    progress = Progress("push")
+    try:
+        result = push(driver, _catalog(driver), arguments.ref, arguments.destination,
+                      credentials=_credentials(arguments, reference.registry),
+                      insecure=arguments.insecure, compression=arguments.compression,
+                      chunk_size=arguments.chunk_size, progress=progress)
+    finally:
+        progress.done()
+    if arguments.json:
+        _print_json(result.__dict__)
+    else:
+        print(f"pushed {result.reference} ({result.manifest_digest[:19]}): "
+              f"{len(result.uploaded)} uploaded, {len(result.skipped)} already there, "
+              f"{len(result.mounted)} mounted from another repository")
+    return 0
+
+
 def command_demo(arguments: argparse.Namespace) -> int:
     from aufs.demo import run_demo
 
@@ -359,6 +421,10 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "aufs migrate --to overlay"),
     ("rescue", command_rescue, "export the images of a Docker aufs data root as OCI",
      "aufs rescue /var/lib/docker -o rescued-oci"),
+    ("pull", command_pull, "pull an image from a registry into the store",
+     "aufs pull registry.example.com/team/app:1.2 --tag app"),
+    ("push", command_push, "push a tag or top layer to a registry",
+     "aufs push app registry.example.com/team/app:1.2"),
     ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe",
      "aufs fsck --repair"),
     ("demo", command_demo, "import the sample image, mount, change, export, clean up",
@@ -415,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["rm"].add_argument("--force", action="store_true",
                                help="detach busy mounts lazily instead of failing")
     parsers["migrate"].add_argument("--to", required=True, choices=["overlay", "aufs"])
+    for name in ("pull", "push"):
+        parsers[name].add_argument("--username", help="registry user (else ~/.docker/config.json)")
+        parsers[name].add_argument("--password", help="registry password")
+        parsers[name].add_argument("--password-stdin", action="store_true",
+                                   help="read the password from stdin")
+        parsers[name].add_argument("--insecure", action="store_true",
+                                   help="plain HTTP (localhost registries use it anyway)")
+    parsers["pull"].add_argument("reference", help="REGISTRY/REPOSITORY:TAG or ...@sha256:...")
+    parsers["pull"].add_argument("--tag", help="the local tag (default: the reference)")
+    parsers["pull"].add_argument("--platform", help="OS/ARCH[/VARIANT] from an index")
+    parsers["pull"].add_argument("--jobs", type=int, default=3, help="parallel downloads")
+    parsers["push"].add_argument("ref", help="a local tag or top layer")
+    parsers["push"].add_argument("destination", help="REGISTRY/REPOSITORY:TAG")
+    parsers["push"].add_argument("--compression", default="gzip", choices=["gzip", "zstd"])
+    parsers["push"].add_argument("--chunk-size", type=int, default=0,
+                                 help="upload in chunks of this many bytes (0: whole)")
     parsers["fsck"].add_argument("--repair", action="store_true",
                                  help="repair what can be repaired without losing data")
     parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from aufs import _implementation as native
+from aufs.atomic import atomic_remove
 from aufs.backends import Backend, MountRequest, resolve_backend
 from aufs.changes import Change
 from aufs.errors import (
@@ -221,6 +222,34 @@ class Driver:
                 raise
             self._store.remove_layer_file(layer_id)
             self._store.remove_layer_dirs(layer_id)
+
+    def rename(self, layer_id: str, new_id: str) -> None:
+        """Renames a leaf layer that nothing holds. Import and pull fill a layer under a
+        temporary id and rename it when it is whole, so that a crash never leaves a layer
+        with part of its content under its real id."""
+        layer_id = validate_layer_id(layer_id)
+        new_id = validate_layer_id(new_id, "new layer id")
+        first, second = sorted((layer_id, new_id))
+        with self._id_locks.hold(first), self._id_locks.hold(second), self._root_lock.hold():
+            store = self._store
+            parents = store.parent_ids(layer_id)
+            if store.exists(new_id):
+                raise LayerExistsError(f"layer {new_id!r} already exists in {self.root}")
+            if store.children(layer_id):
+                raise LayerInUseError(f"layer {layer_id!r} has children: it cannot be renamed")
+            if (self._references.count(layer_id) or self.is_mounted(layer_id)
+                    or LayerReferences.held_elsewhere(store.diff_path(layer_id))
+                    or LayerReferences.changing(store.layer_file(layer_id))):
+                raise LayerInUseError(f"layer {layer_id!r} is in use; put it first")
+            for old, new in ((store.diff_path(layer_id), store.diff_path(new_id)),
+                             (store.mount_path(layer_id), store.mount_path(new_id)),
+                             (store.work_path(layer_id), store.work_path(new_id))):
+                if os.path.lexists(new):  # left by an interrupted create: not a layer
+                    atomic_remove(new)
+                if os.path.lexists(old):
+                    os.rename(old, new)
+            store.write_layer_file(new_id, parents)  # the commit point
+            store.remove_layer_file(layer_id)
 
     # ---- get and put ----------------------------------------------------------------------
 

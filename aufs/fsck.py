@@ -20,7 +20,8 @@ from aufs import whiteouts
 from aufs.atomic import atomic_remove, remove_tree
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
-from aufs.locking import RootLock
+from aufs.images.importer import INCOMPLETE_SUFFIX
+from aufs.locking import LayerReferences, RootLock
 from aufs.store import Store
 
 MNT_DETACH = 0x2
@@ -110,6 +111,13 @@ def check(root: str) -> list[Problem]:
             add(Problem("corrupt-layers-file", store.layer_file(layer), str(error),
                         "restore the file from a backup, or remove the layer", False))
     has_children = {parents[0] for parents in chains.values() if parents}
+    for layer in chains:
+        if (layer.endswith(INCOMPLETE_SUFFIX) and layer not in has_children
+                and not LayerReferences.changing(store.layer_file(layer))
+                and not LayerReferences.held_elsewhere(store.diff_path(layer))):
+            add(Problem("incomplete-layer", store.layer_file(layer), "an import or pull "
+                        "stopped while filling it", "delete it (a new run fetches it again)",
+                        True))
     for layer, parents in chains.items():
         if not os.path.isdir(store.diff_path(layer)):
             if layer in has_children:
@@ -222,6 +230,10 @@ def _repair_one(store: Store, problem: Problem) -> None:
         if os.path.ismount(problem.path):
             native.unmount(problem.path, MNT_DETACH)
         atomic_remove(problem.path)
+    elif problem.code == "incomplete-layer":
+        layer = os.path.basename(problem.path)
+        store.remove_layer_file(layer)
+        store.remove_layer_dirs(layer)
     elif problem.code == "missing-diff":
         layer = os.path.basename(problem.path)
         store.remove_layer_file(layer)

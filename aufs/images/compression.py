@@ -163,3 +163,12 @@ def gzip_stream(source: BinaryIO, destination: BinaryIO, level: int = 6) -> None
                 process.stdin.write(chunk)
     if process.returncode != 0:
         raise CompressionError(f"{binary} exited with {process.returncode}")
+
+
+def zstd_stream(source: BinaryIO, destination: BinaryIO, level: int = 3) -> None:
+    """Compresses source into destination as zstd (the zstd extra)."""
+    try:
+        import zstandard  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        raise CompressionError("zstd needs the zstd extra (pip install 'aufs[zstd]')") from None
+    zstandard.ZstdCompressor(level=level).copy_stream(source, destination)

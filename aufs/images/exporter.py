@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from aufs.atomic import fsync_directory
 from aufs.driver import Driver
 from aufs.images.catalog import Catalog
-from aufs.images.compression import gzip_stream
+from aufs.images.compression import gzip_stream, zstd_stream
 from aufs.images.digests import HashingReader, buffered
 from aufs.images.sources import REF_NAME, host_platform
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 Progress = Callable[[str, int], None]
 
@@ -45,12 +47,62 @@ def _sha256_file(path: str) -> tuple[str, int]:
         return "sha256:" + digest.hexdigest(), handle.tell()
 
 
-def _config_for(catalog: Catalog, tag_config: str | None, diff_ids: list[str]) -> bytes:
+def image_config(catalog: Catalog, tag_config: str | None, diff_ids: list[str]) -> bytes:
+    """The image's config (the imported one, if there is one) with these diff_ids."""
     os_name, architecture = host_platform()
     config = (json.loads(catalog.config(tag_config)) if tag_config
               else {"architecture": architecture, "os": os_name, "config": {}})
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     return json.dumps(config, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    path: str
+    digest: str  # of the file as stored (compressed or not)
+    size: int
+    diff_id: str  # of the uncompressed tar
+    media_type: str
+
+
+def layer_files(driver: Driver, chain: list[str], work: str, compression: str | None,
+                progress: Progress | None = None) -> list[LayerFile]:
+    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar."""
+    files = []
+    parent = ""
+    for layer in chain:
+        raw_path = os.path.join(work, f"{layer}.tar")
+        with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:
+            hashing = HashingReader(stream)
+            shutil.copyfileobj(buffered(hashing), out, 1 << 20)
+        diff_id = "sha256:" + hashing.hash.hexdigest()
+        if compression is None:
+            files.append(LayerFile(raw_path, diff_id, hashing.count, diff_id, OCI_LAYER))
+        else:
+            packed = f"{raw_path}.{compression}"
+            with open(raw_path, "rb") as source, open(packed, "wb") as out:
+                if compression == "gzip":
+                    gzip_stream(source, out)
+                else:
+                    zstd_stream(source, out)
+            os.unlink(raw_path)
+            files.append(LayerFile(packed, *_sha256_file(packed), diff_id,
+                                   OCI_LAYER_GZIP if compression == "gzip" else OCI_LAYER_ZSTD))
+        if progress is not None:
+            progress("bytes", hashing.count)
+            progress("layer", 1)
+        parent = layer
+    return files
+
+
+def oci_manifest(config: bytes, config_digest: str, layers: list[LayerFile]) -> bytes:
+    return json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+                   for layer in layers],
+    }, separators=(",", ":")).encode()
 
 
 def export_image(driver: Driver, catalog: Catalog, reference: str, destination: str,
@@ -62,28 +114,10 @@ def export_image(driver: Driver, catalog: Catalog, reference: str, destination: 
     name = tag.name if tag is not None else top[:12]
     parent_dir = os.path.dirname(os.path.abspath(destination)) or "."
     with tempfile.TemporaryDirectory(dir=parent_dir, prefix=".aufs-export-") as work:
-        layers: list[tuple[str, str, int]] = []  # (path, digest, size) as stored
-        diff_ids: list[str] = []
-        parent = ""
-        for layer in chain:
-            raw_path = os.path.join(work, f"{layer}.tar")
-            with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:
-                hashing = HashingReader(stream)
-                shutil.copyfileobj(buffered(hashing), out, 1 << 20)
-            diff_ids.append("sha256:" + hashing.hash.hexdigest())
-            if image_format == "oci":
-                gz_path = raw_path + ".gz"
-                with open(raw_path, "rb") as source, open(gz_path, "wb") as out:
-                    gzip_stream(source, out)
-                os.unlink(raw_path)
-                layers.append((gz_path, *_sha256_file(gz_path)))
-            else:
-                layers.append((raw_path, diff_ids[-1], hashing.count))
-            if progress is not None:
-                progress("bytes", hashing.count)
-                progress("layer", 1)
-            parent = layer
-        config = _config_for(catalog, tag.config_digest if tag else None, diff_ids)
+        layers = layer_files(driver, chain, work, "gzip" if image_format == "oci" else None,
+                             progress)
+        diff_ids = [layer.diff_id for layer in layers]
+        config = image_config(catalog, tag.config_digest if tag else None, diff_ids)
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
         if image_format == "oci":
             manifest_digest = _write_oci(destination, work, name, layers, config, config_digest)
@@ -94,22 +128,16 @@ def export_image(driver: Driver, catalog: Catalog, reference: str, destination: 
                          tuple(diff_ids))
 
 
-def _write_oci(destination: str, work: str, name: str, layers: list[tuple[str, str, int]],
+def _write_oci(destination: str, work: str, name: str, layers: list[LayerFile],
                config: bytes, config_digest: str) -> str:
     layout = os.path.join(work, "layout")
     blobs = os.path.join(layout, "blobs", "sha256")
     os.makedirs(blobs)
-    for path, digest, _ in layers:
-        os.rename(path, os.path.join(blobs, digest[7:]))
+    for layer in layers:
+        os.rename(layer.path, os.path.join(blobs, layer.digest[7:]))
     with open(os.path.join(blobs, config_digest[7:]), "wb") as handle:
         handle.write(config)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size}
-                   for _, digest, size in layers],
-    }, separators=(",", ":")).encode()
+    manifest = oci_manifest(config, config_digest, layers)
     manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     with open(os.path.join(blobs, manifest_digest[7:]), "wb") as handle:
         handle.write(manifest)
@@ -133,12 +161,11 @@ def _write_oci(destination: str, work: str, name: str, layers: list[tuple[str, s
     return manifest_digest
 
 
-def _write_docker_archive(destination: str, work: str, name: str,
-                          layers: list[tuple[str, str, int]], config: bytes,
-                          config_digest: str) -> None:
+def _write_docker_archive(destination: str, work: str, name: str, layers: list[LayerFile],
+                          config: bytes, config_digest: str) -> None:
     repository, _, tag_name = name.partition(":")
     repo_tag = f"{repository}:{tag_name or 'latest'}"
-    entries = [(f"{digest[7:]}.tar", path) for path, digest, _ in layers]
+    entries = [(f"{layer.digest[7:]}.tar", layer.path) for layer in layers]
     manifest = [{"Config": f"{config_digest[7:]}.json", "RepoTags": [repo_tag],
                  "Layers": [name for name, _ in entries]}]
     temporary = os.path.join(work, "archive.tar")

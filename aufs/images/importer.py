@@ -55,9 +55,8 @@ def import_image(driver: Driver, catalog: Catalog, image: SourceImage, tag: str 
                 log.info("layer %d/%d %s is already in the store", index + 1, len(layers),
                          layer[:12])
             else:
-                driver.create(layer, parent)
+                add_layer(driver, layer, parent, blob, f"layer {index + 1}", progress)
                 created.append(layer)
-                _apply_verified(driver, layer, parent, blob, f"layer {index + 1}", progress)
             if progress is not None:
                 progress("layer", 1)
     except BaseException:
@@ -68,6 +67,27 @@ def import_image(driver: Driver, catalog: Catalog, image: SourceImage, tag: str 
     if tag is not None:
         catalog.set_tag(tag, layers[-1], config_digest)
     return ImportedImage(tag, layers[-1], tuple(layers), tuple(created), config_digest)
+
+
+INCOMPLETE_SUFFIX = "-incomplete"
+
+
+def add_layer(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: str,
+              progress: Progress | None) -> None:
+    """Creates `layer` from a blob, checked against its digests. The content goes into a
+    temporary layer, renamed only when whole: an interrupted import or pull leaves no
+    partial layer under a real id, and the next run starts that layer again."""
+    temporary = layer + INCOMPLETE_SUFFIX
+    if driver.exists(temporary):  # a crashed run's leftover
+        driver.remove(temporary, force=True)
+    driver.create(temporary, parent)
+    try:
+        _apply_verified(driver, temporary, parent, blob, what, progress)
+        driver.rename(temporary, layer)
+    except BaseException:
+        if driver.exists(temporary):
+            driver.remove(temporary, force=True)
+        raise
 
 
 def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: str,

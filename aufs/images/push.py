@@ -1,0 +1,103 @@
+"""Pushing an image from the store to a registry: layers compressed (gzip, or zstd), blobs the
+registry already has skipped (HEAD), blobs of another repository of the same registry
+mounted across when it allows, the rest uploaded whole or in chunks, the manifest last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from aufs.atomic import atomic_write
+from aufs.driver import Driver
+from aufs.images.catalog import Catalog
+from aufs.images.exporter import OCI_MANIFEST, image_config, layer_files, oci_manifest
+from aufs.images.importer import Progress
+from aufs.images.registry import Credentials, Reference, RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: str
+    manifest_digest: str
+    uploaded: tuple[str, ...]
+    skipped: tuple[str, ...]  # already there
+    mounted: tuple[str, ...]  # taken from another repository
+
+
+class PushRecord:
+    """Which repositories of which registry got which blobs from this store
+    (ROOT/images/pushed.json), to mount them across instead of uploading them again."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.path = os.path.join(catalog.directory, "pushed.json")
+        self.catalog = catalog
+
+    def load(self) -> dict[str, dict[str, list[str]]]:
+        try:
+            with open(self.path) as handle:
+                data: dict[str, dict[str, list[str]]] = json.load(handle)
+                return data
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def add(self, registry: str, repository: str, digests: list[str]) -> None:
+        data = self.load()
+        blobs = data.setdefault(registry, {})
+        for digest in digests:
+            repositories = blobs.setdefault(digest, [])
+            if repository not in repositories:
+                repositories.append(repository)
+        os.makedirs(self.catalog.directory, mode=0o700, exist_ok=True)
+        os.makedirs(self.catalog.store.staging_dir, mode=0o700, exist_ok=True)
+        atomic_write(self.path, json.dumps(data).encode(), temp_dir=self.catalog.store.staging_dir)
+
+
+def push(driver: Driver, catalog: Catalog, source: str, destination: str, *,
+         credentials: Credentials | None = None, insecure: bool = False,
+         compression: str = "gzip", chunk_size: int = 0,
+         progress: Progress | None = None) -> PushResult:
+    if compression not in ("gzip", "zstd"):
+        raise ValueError(f"unknown compression {compression!r}; choose gzip or zstd")
+    ref = Reference.parse(destination)
+    if ref.digest:
+        raise ValueError("push to a tag (REGISTRY/REPOSITORY:TAG), not to a digest")
+    client = RegistryClient(ref, credentials, insecure)
+    top, tag = catalog.resolve(source)
+    chain = [*reversed(driver.parent_ids(top)), top]
+    record = PushRecord(catalog)
+    known = record.load().get(ref.registry, {})
+    uploaded, skipped, mounted = [], [], []
+    counter = (lambda count: progress("bytes", count)) if progress is not None else None
+    with driver.store.staging("push") as work:
+        layers = layer_files(driver, chain, work, compression)
+        config = image_config(catalog, tag.config_digest if tag else None,
+                              [layer.diff_id for layer in layers])
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        config_path = os.path.join(work, "config.json")
+        with open(config_path, "wb") as handle:
+            handle.write(config)
+        blobs = [(layer.digest, layer.path) for layer in layers] + [(config_digest, config_path)]
+        for digest, path in blobs:
+            if client.has_blob(digest):
+                skipped.append(digest)
+            elif any(client.mount_blob(digest, other) for other in known.get(digest, [])
+                     if other != ref.repository):
+                mounted.append(digest)
+            else:
+                client.upload_blob(digest, path, chunk_size, counter)
+                uploaded.append(digest)
+            if progress is not None:
+                progress("layer", 1)
+        manifest = oci_manifest(config, config_digest, layers)
+        digest = client.put_manifest(ref.tag or "latest", manifest, OCI_MANIFEST)
+    record.add(ref.registry, ref.repository, [d for d, _ in blobs])
+    manifest_digest = digest or "sha256:" + hashlib.sha256(manifest).hexdigest()
+    log.info("pushed %s: %d uploaded, %d already there, %d mounted", ref, len(uploaded),
+             len(skipped), len(mounted))
+    return PushResult(str(ref), manifest_digest, tuple(uploaded), tuple(skipped),
+                      tuple(mounted))
