@@ -6,6 +6,7 @@
     python -m benchmarks mount            # Driver.get+put vs raw mount(2) on deep chains
     python -m benchmarks layers           # apply_diff and diff vs GNU tar -x and tar -c
     python -m benchmarks imports          # aufs import vs gzip|tar, umoci unpack
+    python -m benchmarks pulls            # aufs pull vs skopeo copy + umoci unpack
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import aufs
 
-SUITES = ["dirsize", "mountdata", "mount", "layers", "imports"]
+SUITES = ["dirsize", "mountdata", "mount", "layers", "imports", "pulls"]
 
 
 def main() -> None:
