@@ -26,6 +26,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
         self.bytes = 0
+        self.layer_bytes = 0  # of the layer under way
         self.layers = 0
         self._started = time.monotonic()
         self._drawn = 0.0
@@ -33,17 +34,20 @@ class Progress:
     def __call__(self, event: str, amount: int) -> None:
         if event == "bytes":
             self.bytes += amount
+            self.layer_bytes += amount
         elif event == "layer":
             self.layers += amount
+            self.layer_bytes = 0
         now = time.monotonic()
         if self.enabled and (now - self._drawn > 0.1 or event == "layer"):
             self._drawn = now
             self._draw(now)
 
     def _draw(self, now: float) -> None:
-        layers = f"{self.layers}/{self.total_layers}" if self.total_layers else str(self.layers)
+        done = f"{self.layers}/{self.total_layers}" if self.total_layers else str(self.layers)
         rate = self.bytes / max(now - self._started, 1e-6)
-        self.stream.write(f"\r{self.label}: {layers} layers, {_size(self.bytes)} "
+        self.stream.write(f"\r{self.label}: {done} layers done, this layer "
+                          f"{_size(self.layer_bytes)}, {_size(self.bytes)} in all "
                           f"({_size(rate)}/s)   ")
         self.stream.flush()
 
