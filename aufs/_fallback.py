@@ -452,11 +452,6 @@ class IOQueue:
     def __init__(self, max_pending: int = 256, max_pending_bytes: int = 64 << 20) -> None:
         self.closed = False
 
-    def finish_file(self, fd: int, data: bytes, owner: tuple[int, int] | None, mode: int,
-                    atime_ns: int, mtime_ns: int, name: str) -> None:
-        """Write data into fd, chown to owner (None: leave it), chmod, set times, close."""
-        finish_file(fd, data, owner, mode, atime_ns, mtime_ns, name)
-
     def write(self, out_fd: int, data: bytes, fd: int = -1, copy_size: int = 0,
               padding: int = 0, name: str = "") -> None:
         """Write data to out_fd, then copy_size bytes of fd and padding zeros; close fd."""

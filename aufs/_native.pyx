@@ -308,28 +308,6 @@ cdef class IOQueue:
             core.aufs_io_error(self.queue, name, sizeof(name))
             raise _io_error(-rc, name)
 
-    def finish_file(self, int fd, const unsigned char[::1] data, owner, int mode,
-                    int64_t atime_ns, int64_t mtime_ns, str name):
-        """Write data into fd, chown to owner (None: leave it), chmod, set times, close."""
-        cdef core.aufs_io_request request
-        cdef bytes encoded = os.fsencode(name)
-        memset(&request, 0, sizeof(request))
-        request.fd = fd
-        request.out_fd = -1
-        request.bytes = &data[0] if data.shape[0] else NULL
-        request.bytes_size = data.shape[0]
-        if owner is not None:
-            request.set_owner = 1
-            request.uid, request.gid = owner
-        request.set_mode = 1
-        request.mode = mode
-        request.set_times = 1
-        request.atime_ns = atime_ns
-        request.mtime_ns = mtime_ns
-        request.close_fd = 1
-        request.name = encoded
-        self._submit(&request)
-
     def write(self, int out_fd, bytes data, int fd=-1, uint64_t copy_size=0, size_t padding=0,
               str name=""):
         """Write data to out_fd, then copy_size bytes of fd and padding zeros; close fd."""

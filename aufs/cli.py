@@ -57,6 +57,15 @@ def _catalog(driver: Driver) -> Any:
     return Catalog(driver.store)
 
 
+@contextlib.contextmanager
+def _progress(label: str, layers: int | None = None) -> Iterator[Progress]:
+    progress = Progress(label, layers)
+    try:
+        yield progress
+    finally:
+        progress.done()
+
+
 def _resolve_layer(driver: Driver, reference: str) -> str:
     return str(_catalog(driver).resolve(reference)[0])
 
@@ -131,12 +140,9 @@ def command_import(arguments: argparse.Namespace) -> int:
     from aufs.images import import_images
 
     driver = _open_driver(arguments)
-    progress = Progress("import")
-    try:
+    with _progress("import") as progress:
         images = import_images(driver, _catalog(driver), arguments.source, arguments.tag,
                                progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json([image.__dict__ for image in images])
         return 0
@@ -151,12 +157,9 @@ def command_export(arguments: argparse.Namespace) -> int:
     from aufs.images import export_image
 
     driver = _open_driver(arguments)
-    progress = Progress("export")
-    try:
+    with _progress("export") as progress:
         result = export_image(driver, _catalog(driver), arguments.ref, arguments.output,
                               arguments.format, progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json(result.__dict__)
     else:
@@ -197,14 +200,13 @@ def _output(path: str) -> Iterator[BinaryIO]:
 def command_diff(arguments: argparse.Namespace) -> int:
     driver = _open_driver(arguments)
     layer = _resolve_layer(driver, arguments.layer)
-    progress = Progress("diff")
     parent = _resolve_parent(driver, arguments.parent)
-    with driver.diff(layer, parent) as stream, _output(arguments.output) as out:
+    with _progress("diff", 1) as progress, driver.diff(layer, parent) as stream, \
+            _output(arguments.output) as out:
         while chunk := stream.read(1 << 20):
             out.write(chunk)
             progress("bytes", len(chunk))
-    progress("layer", 1)
-    progress.done()
+        progress("layer", 1)
     return 0
 
 
@@ -214,13 +216,12 @@ def command_apply(arguments: argparse.Namespace) -> int:
     if not driver.exists(arguments.layer):
         driver.create(arguments.layer, parent)
     source = sys.stdin.buffer if arguments.file == "-" else open(arguments.file, "rb")  # noqa: SIM115
-    progress = Progress("apply", layers=1)
     try:
-        counted = buffered(HashingReader(source, lambda count: progress("bytes", count)))
-        size = driver.apply_diff(arguments.layer, parent, counted)
-        progress("layer", 1)
+        with _progress("apply", 1) as progress:
+            counted = buffered(HashingReader(source, lambda count: progress("bytes", count)))
+            size = driver.apply_diff(arguments.layer, parent, counted)
+            progress("layer", 1)
     finally:
-        progress.done()
         if source is not sys.stdin.buffer:
             source.close()
     _print_json({"layer": arguments.layer, "size": size}) if arguments.json else print(size)
@@ -282,11 +283,8 @@ def command_migrate(arguments: argparse.Namespace) -> int:
     from aufs.migrate import migrate
     from aufs.store import Store
 
-    progress = Progress("migrate")
-    try:
+    with _progress("migrate") as progress:
         result = migrate(Store(os.path.abspath(arguments.root)), arguments.to, progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json(result.__dict__)
     else:
@@ -298,11 +296,8 @@ def command_migrate(arguments: argparse.Namespace) -> int:
 def command_rescue(arguments: argparse.Namespace) -> int:
     from aufs.images.rescue import rescue
 
-    progress = Progress("rescue")
-    try:
+    with _progress("rescue") as progress:
         images = rescue(arguments.docker_root, arguments.output, progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json([image.__dict__ for image in images])
         return 0
@@ -353,14 +348,11 @@ def command_pull(arguments: argparse.Namespace) -> int:
 
     reference = Reference.parse(arguments.reference)
     driver = _open_driver(arguments)
-    progress = Progress("pull")
-    try:
+    with _progress("pull") as progress:
         image = pull(driver, _catalog(driver), arguments.reference, arguments.tag,
                      platform=arguments.platform,
                      credentials=_credentials(arguments, reference.registry),
                      insecure=arguments.insecure, jobs=arguments.jobs, progress=progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json(image.__dict__)
     else:
@@ -375,14 +367,11 @@ def command_push(arguments: argparse.Namespace) -> int:
 
     reference = Reference.parse(arguments.destination)
     driver = _open_driver(arguments)
-    progress = Progress("push")
-    try:
+    with _progress("push") as progress:
         result = push(driver, _catalog(driver), arguments.ref, arguments.destination,
                       credentials=_credentials(arguments, reference.registry),
                       insecure=arguments.insecure, compression=arguments.compression,
                       chunk_size=arguments.chunk_size, progress=progress)
-    finally:
-        progress.done()
     if arguments.json:
         _print_json(result.__dict__)
     else:

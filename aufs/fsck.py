@@ -9,8 +9,6 @@ lacks its layer; the whiteouts found agree with the format marker; every tag nam
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from aufs.atomic import atomic_remove, remove_tree
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.images.importer import INCOMPLETE_SUFFIX
-from aufs.locking import LayerReferences, RootLock
+from aufs.locking import LayerReferences, RootLock, lock_would_block
 from aufs.store import Store
 
 MNT_DETACH = 0x2
@@ -58,20 +56,6 @@ def _mounts_under(directory: str) -> list[str]:
             if path.startswith(prefix):
                 found.append(path)
     return found
-
-
-def _staging_in_use(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)
-    return False
 
 
 def _aufs_whiteouts_in(branch: str) -> str | None:
@@ -149,7 +133,7 @@ def check(root: str) -> list[Problem]:
                             "create or remove)", "delete it", True))
     for name in _listdir(store.staging_dir):
         path = os.path.join(store.staging_dir, name)
-        if os.path.isdir(path) and not _staging_in_use(path):
+        if os.path.isdir(path) and not lock_would_block(path, exclusive=True):
             add(Problem("abandoned-staging", path, "work left by an interrupted apply or "
                         "migration", "delete it (the layer it was for is unchanged)", True))
     for target in _mounts_under(store.mnt_dir):

@@ -11,6 +11,24 @@ import threading
 from collections.abc import Iterator
 
 
+def lock_would_block(path: str, *, exclusive: bool) -> bool:
+    """True when another open file (in any process) holds a flock on path that a shared
+    (or exclusive) lock would wait for; False when path is gone or free."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
 class NamedLocks:
     """One lock per name, created on demand and dropped when nobody waits (moby/locker)."""
 
@@ -136,33 +154,9 @@ class LayerReferences:
     @staticmethod
     def changing(layer_file: str) -> bool:
         """True while an apply (in any process) holds layers/<id>."""
-        try:
-            fd = os.open(layer_file, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
-        finally:
-            os.close(fd)
-        return False
+        return lock_would_block(layer_file, exclusive=False)
 
     @staticmethod
     def held_elsewhere(diff_path: str) -> bool:
         """True when another process (or another Driver) holds a reference to this layer."""
-        try:
-            fd = os.open(diff_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
-        finally:
-            os.close(fd)
-        return False
+        return lock_would_block(diff_path, exclusive=True)
