@@ -186,6 +186,26 @@ def test_apply_layer_whiteouts_sequence(driver: aufs.Driver, harness: Harness) -
         assert seen == wanted
 
 
+def test_naive_apply_marks_only_whiteouts_that_delete(driver: aufs.Driver,
+                                                      harness: Harness) -> None:
+    """Through the union a whiteout of a name no lower layer holds deletes nothing and
+    leaves no mark; the fast path keeps every whiteout as it came. (The concurrency
+    campaign accepts the first as a whole layer: a layer recreated under another parent
+    between create and apply_diff takes this path.)"""
+    harness.require_union()
+    driver.create("base")
+    driver.apply_diff("base", "", io.BytesIO(archive([member("kept", data=b"k")])))
+    whiteouts = archive([member(".wh.kept"), member(".wh.gone")])
+    driver.create("naive", "base")
+    driver.apply_diff("naive", "", io.BytesIO(whiteouts))  # "" on a child: through the union
+    driver.create("fast", "base")
+    driver.apply_diff("fast", "base", io.BytesIO(whiteouts))
+    with driver.diff("naive", "base") as stream:
+        assert names_in(stream.read()) == [".wh.kept"]
+    with driver.diff("fast", "base") as stream:
+        assert sorted(names_in(stream.read())) == [".wh.gone", ".wh.kept"]
+
+
 # ---- what survives a round trip ----------------------------------------------------------------
 
 
