@@ -39,6 +39,7 @@ class Tally:
     expected_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     unexpected: list[str] = field(default_factory=list)
     examples: dict[str, str] = field(default_factory=dict)
+    final_states: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 def worker(root: str, seed: int, seconds: float, backend: str, tally: Tally) -> None:
@@ -157,7 +158,10 @@ def run_campaign(root: str, seconds: float, threads: int, processes: int, backen
         parents = driver.parent_ids(layer)
         with driver.diff(layer, parents[0] if parents else "") as stream:
             found = archive_signature(stream.read())
-        if found not in (whole, naive, empty):
+        states = {"whole": whole, "whole, its no-op whiteout dropped": naive, "empty": empty}
+        state = next((name for name, signature in states.items() if found == signature), "")
+        total.final_states[state or "neither"] += 1
+        if not state:
             extra = sorted(set(found) - set(whole))[:2]  # type: ignore[call-overload]
             lacking = sorted(set(whole) - set(found))[:2]  # type: ignore[call-overload]
             violations.append(f"layer {layer} holds neither nothing nor the whole archive: "
@@ -186,6 +190,8 @@ def main() -> int:
     print(f"concurrency campaign ({backend}, {seconds:.0f} s, {threads} threads x "
           f"{processes + 1} processes): {total.operations} operations, expected errors: "
           f"{errors or 'none'}; {len(violations)} violations")
+    states = ", ".join(f"{name} {count}" for name, count in total.final_states.most_common())
+    print(f"  layers at the end: {states or 'none'}")
     for violation in violations[:20]:
         print(f"  {violation}")
     for kind, example in sorted(total.examples.items()):
