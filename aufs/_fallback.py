@@ -350,14 +350,13 @@ def is_mountpoint(path: PathArg) -> bool:
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_relative(root_fd: int, relative: bytes) -> int:
-    if not relative:
-        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
-    if len(relative) < _PATH_MAX:
-        return os.open(relative, _DIRECTORY_FLAGS, dir_fd=root_fd)
-    fd = os.dup(root_fd)  # longer than PATH_MAX: one component at a time
+def open_directory_stepwise(start_fd: int, components: Iterable[str | bytes]) -> int:
+    """The directory below start_fd reached one component at a time, never following a
+    symlink: the way past PATH_MAX, and the way to stay beneath a root without openat2.
+    Pure Python on both paths; the caller closes the fd."""
+    fd = os.dup(start_fd)
     try:
-        for component in relative.split(b"/"):
+        for component in components:
             next_fd = os.open(component, _DIRECTORY_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = next_fd
@@ -365,6 +364,14 @@ def _open_relative(root_fd: int, relative: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_relative(root_fd: int, relative: bytes) -> int:
+    if not relative:
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    if len(relative) < _PATH_MAX:
+        return os.open(relative, _DIRECTORY_FLAGS, dir_fd=root_fd)
+    return open_directory_stepwise(root_fd, relative.split(b"/"))  # longer than PATH_MAX
 
 
 def directory_size(path: PathArg, *, threads: int = 0) -> int:

@@ -44,6 +44,7 @@ is_mountpoint = _chosen.is_mountpoint
 mount = _chosen.mount
 mounted = _chosen.mounted
 openat2 = _chosen.openat2
+open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on both paths
 parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
@@ -60,6 +61,7 @@ __all__ = [
     "is_mountpoint",
     "mount",
     "mounted",
+    "open_directory_stepwise",
     "openat2",
     "parse_tar_header",
     "parse_tar_number",

@@ -62,16 +62,7 @@ class BeneathRoot:
                 if error.errno != errno.ENOSYS:
                     raise
                 _has_openat2 = False
-        fd = os.dup(self.fd)
-        try:
-            for component in relative.split("/"):
-                next_fd = os.open(component, DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = next_fd
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
+        return native.open_directory_stepwise(self.fd, relative.split("/"))
 
     def open_dir(self, relative: str, *, create: bool = False, mode: int = 0o755,
                  owner: tuple[int, int] | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import aufs
+from aufs import beneath
 from conftest import IS_ROOT, Harness
 from tarbuild import archive, directory, member, tree_snapshot
 
@@ -129,6 +130,20 @@ def test_parent_dir_replaced_by_a_symlink(layer: tuple[aufs.Driver, str], host: 
     apply_expecting_error(driver, layer_id, host, archive([
         directory("a"), member("a", tarfile.SYMTYPE, linkname=str(host / "sentinel")),
         member("a/secret", data=b"overwritten")]), "'a/secret'")
+
+
+def test_without_openat2_a_symlink_is_refused_not_followed(
+        layer: tuple[aufs.Driver, str], host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 5.6: directories are opened one component at a time, O_NOFOLLOW."""
+    monkeypatch.setattr(beneath, "_has_openat2", False)
+    driver, layer_id = layer
+    driver.apply_diff(layer_id, "", io.BytesIO(archive([
+        directory("a"), directory("a/b"), member("a/b/c", data=b"deep")])))
+    assert Path(driver.store.diff_path(layer_id), "a/b/c").read_bytes() == b"deep"
+    apply_expecting_error(driver, layer_id, host, archive([
+        member("evil", tarfile.SYMTYPE, linkname=str(host / "sentinel")),
+        member("evil/secret", data=b"overwritten")]), "'evil/secret'")
+    assert beneath._has_openat2 is False  # the stepwise path is the one that ran
 
 
 @pytest.mark.parametrize("name", [".wh..", ".wh...", ".wh.", "dir/.wh.."])
