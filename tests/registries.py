@@ -27,6 +27,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """An HTTP server on a free 127.0.0.1 port, answering from a thread of its own."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def wait_for(url: str, seconds: float = 10) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -93,9 +100,8 @@ class TokenService:
         self.x5c = base64.b64encode(der).decode()
         self.expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.requests: list[str] = []
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(self._handler())
+        self.port = self.server.server_address[1]
 
     @property
     def realm(self) -> str:
@@ -168,9 +174,8 @@ class FakeRegistry:
         self.blobs: dict[str, bytes] = {}
         self.faults: list[Callable[[BaseHTTPRequestHandler, str], bool]] = []
         self.seen_authorization: list[str | None] = []
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(self._handler())
+        self.port = self.server.server_address[1]
 
     @property
     def address(self) -> str:

@@ -173,13 +173,19 @@ def test_busy_mount_is_kept_then_removed_once_closed(
     assert not os.path.lexists(path)
 
 
-def test_busy_mount_force_remove_detaches_lazily(driver: aufs.Driver, harness: Harness) -> None:
+def mounted_child_with_a_file(driver: aufs.Driver, harness: Harness) -> str:
+    """Layer "2" on "1", mounted, holding "file"; unmount retries kept short."""
     harness.require_union()
     driver.create("1")
     driver.create("2", "1")
     driver.retry_policy = FAST
     path = driver.get("2")
     Path(path, "file").write_text("x")
+    return path
+
+
+def test_busy_mount_force_remove_detaches_lazily(driver: aufs.Driver, harness: Harness) -> None:
+    path = mounted_child_with_a_file(driver, harness)
     with open(os.path.join(path, "file")) as holder:
         driver.remove("2", force=True)
         assert not driver.exists("2")
@@ -187,12 +193,7 @@ def test_busy_mount_force_remove_detaches_lazily(driver: aufs.Driver, harness: H
 
 
 def test_cleanup_always_finishes(driver: aufs.Driver, harness: Harness) -> None:
-    harness.require_union()
-    driver.create("1")
-    driver.create("2", "1")
-    driver.retry_policy = FAST
-    path = driver.get("2")
-    Path(path, "file").write_text("x")
+    path = mounted_child_with_a_file(driver, harness)
     with open(os.path.join(path, "file")):
         driver.cleanup()
         assert not harness.is_mounted(path)
