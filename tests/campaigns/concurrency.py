@@ -154,11 +154,11 @@ def run_campaign(root: str, seconds: float, threads: int, processes: int, backen
     # union, where a whiteout of a name no layer holds deletes nothing and leaves no mark:
     # the archive's only whiteout (.wh.gone) names such a name, so this state is whole too.
     naive = [entry for entry in whole if entry[1] != b"whiteout"]  # type: ignore[attr-defined]
+    states = {"whole": whole, "whole, its no-op whiteout dropped": naive, "empty": empty}
     for layer in driver.layer_ids():
         parents = driver.parent_ids(layer)
         with driver.diff(layer, parents[0] if parents else "") as stream:
             found = archive_signature(stream.read())
-        states = {"whole": whole, "whole, its no-op whiteout dropped": naive, "empty": empty}
         state = next((name for name, signature in states.items() if found == signature), "")
         total.final_states[state or "neither"] += 1
         if not state:
