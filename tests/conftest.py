@@ -20,6 +20,8 @@ from aufs import _fallback
 from aufs.machine import Kernel
 
 IS_ROOT = os.geteuid() == 0
+# images made by umoci, skopeo and Docker 20.10 (tests/fixtures/README.md says how)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _native_module() -> ModuleType | None:

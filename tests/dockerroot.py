@@ -12,8 +12,8 @@ import tarfile
 from pathlib import Path
 
 from aufs.extract import ExtractOptions, WhiteoutMode, extract
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 STORE = FIXTURES / "docker-image-store"
 
 

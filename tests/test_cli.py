@@ -19,16 +19,14 @@ import aufs
 import aufs.cli
 import aufs.store
 from aufs.samples import build_sample_image, shipped_sample_path
-from conftest import IS_ROOT, backend_unavailable
+from conftest import FIXTURES, IS_ROOT, backend_unavailable
 from dockerroot import build_docker_root, image_ids
 from tarbuild import tree_snapshot
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 OCI = FIXTURES / "oci-sample"
 
 pytestmark = [
     pytest.mark.skipif(not IS_ROOT, reason="the CLI tests mount layers: they need root"),
-    pytest.mark.skipif(not OCI.is_dir(), reason=f"the shared fixtures are not at {FIXTURES}"),
 ]
 needs_tools = pytest.mark.skipif(
     not (shutil.which("umoci") and shutil.which("skopeo")),

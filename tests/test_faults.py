@@ -14,7 +14,7 @@ import aufs
 from aufs import fsck
 from aufs.images import Catalog, import_images
 from aufs.samples import shipped_sample_path
-from conftest import IS_ROOT, Harness, tmpfs_mount
+from conftest import FIXTURES, IS_ROOT, Harness, tmpfs_mount
 from tarbuild import archive, member, tree_snapshot
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the fault tests mount filesystems")
@@ -49,8 +49,7 @@ def test_import_until_enospc_stores_nothing(tmp_path: Path) -> None:
         layout = tmp_path / "layout"
         import shutil
 
-        fixtures = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
-        shutil.copytree(fixtures / "oci-sample", layout)
+        shutil.copytree(FIXTURES / "oci-sample", layout)
         with pytest.raises(OSError) as caught:  # the base layer is bigger than the disk
             import_images(driver, Catalog(driver.store), f"{layout}:latest")
         assert caught.value.errno == errno.ENOSPC

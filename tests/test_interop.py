@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 
 import aufs
-from conftest import IS_ROOT, Harness
+from conftest import FIXTURES, IS_ROOT, Harness
 from tarbuild import tree_snapshot
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 OCI = FIXTURES / "oci-sample"
 TAGS = ["base", "v2", "latest", "insert"]
 
 pytestmark = [
-    pytest.mark.skipif(not OCI.is_dir(), reason=f"the shared fixtures are not at {FIXTURES}"),
     pytest.mark.skipif(not IS_ROOT, reason="unpacking images with their owners needs root"),
 ]
 

@@ -27,10 +27,9 @@ from aufs.images.registry import (
     RegistryError,
     RegistryNotFoundError,
 )
-from conftest import IS_ROOT, Harness
+from conftest import FIXTURES, IS_ROOT, Harness
 from tarbuild import tree_snapshot
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 OCI = FIXTURES / "oci-sample"
 
 pytestmark = [
