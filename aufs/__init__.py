@@ -19,15 +19,7 @@ from aufs._implementation import (
     mounted,
     unmount,
 )
-from aufs.backends import (
-    AufsBackend,
-    Backend,
-    FuseOverlayfsBackend,
-    MountRequest,
-    OverlayBackend,
-)
-from aufs.changes import Change, ChangeKind
-from aufs.driver import CreateOpts, Driver
+from aufs.archive.changes import Change, ChangeKind
 from aufs.errors import (
     AufsError,
     DiffError,
@@ -42,9 +34,17 @@ from aufs.errors import (
     UnmountBusyError,
 )
 from aufs.fsmagic import FS_NAMES, FsMagic, backing_fs_name
-from aufs.layerdiffs import FileGetter
-from aufs.mounters import MountCall, RecordingMounter, SyscallMounter
-from aufs.retry import RetryPolicy
+from aufs.store.backends import (
+    AufsBackend,
+    Backend,
+    FuseOverlayfsBackend,
+    MountRequest,
+    OverlayBackend,
+)
+from aufs.store.diffs import FileGetter
+from aufs.store.driver import CreateOpts, Driver
+from aufs.store.mounters import MountCall, RecordingMounter, SyscallMounter
+from aufs.store.retry import RetryPolicy
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from aufs.cli import main
+from aufs.cli.main import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aufs
 from aufs import _native
-from aufs.backends.overlay import DIFF_SAFE_OPTIONS
+from aufs.store.backends.overlay import DIFF_SAFE_OPTIONS
 from benchmarks.common import median_seconds, report, tmpfs_scratch
 
 DEPTHS = (1, 10, 100, 400)

@@ -11,7 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from aufs.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
 from conftest import FIXTURES
 
 STORE = FIXTURES / "docker-image-store"

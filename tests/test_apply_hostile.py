@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import aufs
-from aufs import beneath
+from aufs.archive import beneath
 from conftest import IS_ROOT, Harness
 from tarbuild import archive, directory, member, tree_snapshot
 

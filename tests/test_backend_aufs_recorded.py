@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import aufs
-from aufs.backends.aufs import probe_dirperm1
 from aufs.machine import Kernel
-from aufs.mounters import MountCall
+from aufs.store.backends.aufs import probe_dirperm1
+from aufs.store.mounters import MountCall
 from conftest import IS_ROOT, tmpfs_mount
 
 WITH_AUFS = Kernel(frozenset({"aufs", "ext4"}), False)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import aufs
-import aufs.cli
-import aufs.store
-from aufs.samples import build_sample_image, shipped_sample_path
+import aufs.cli.main
+import aufs.store.layout
+from aufs.cli.samples import build_sample_image, shipped_sample_path
 from conftest import FIXTURES, IS_ROOT, backend_unavailable
 from dockerroot import build_docker_root, image_ids
 from tarbuild import tree_snapshot
@@ -59,7 +59,7 @@ def umoci_tree(layout: Path, ref: str, destination: Path) -> Path:
 
 
 def test_every_command_has_help_with_an_example(tmp_path: Path) -> None:
-    for name, *_ in aufs.cli.COMMANDS:
+    for name, *_ in aufs.cli.main.COMMANDS:
         result = run(tmp_path, name, "--help")
         assert "example: aufs" in result.stdout, name
 
@@ -255,7 +255,7 @@ def test_migrate_to_overlay_keeps_the_merged_tree(tmp_path: Path) -> None:
 
 def test_an_interrupted_migration_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
-    from aufs import migrate as migration
+    from aufs.store import migrate as migration
 
     root = tmp_path / "root"
     run(root, "import", f"{OCI}:latest", backend="fuse-overlayfs")
@@ -270,11 +270,11 @@ def test_an_interrupted_migration_resumes(tmp_path: Path, monkeypatch: pytest.Mo
     original = migration.to_overlay
     monkeypatch.setattr(migration, "to_overlay", crash_after_one)
     with pytest.raises(KeyboardInterrupt):
-        migration.migrate(aufs.store.Store(str(root)), "overlay")
+        migration.migrate(aufs.store.layout.Store(str(root)), "overlay")
     monkeypatch.undo()
     refused = run(root, "ls", check=False)
     assert refused.returncode == 1 and "migration to overlay" in refused.stderr
-    result = migration.migrate(aufs.store.Store(str(root)), "overlay")
+    result = migration.migrate(aufs.store.layout.Store(str(root)), "overlay")
     assert len(result.already_done) == 1 and len(result.converted) == 2
     assert run(root, "ls").returncode == 0
 

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import aufs
-from aufs.changes import layered_changes, tree_changes
+from aufs.archive.changes import layered_changes, tree_changes
+from aufs.archive.idmap import IdentityMapping, IDMap
 from conftest import IS_ROOT, Harness, backend_unavailable
 from tarbuild import archive, directory, member, tree_snapshot
 
@@ -315,7 +316,7 @@ def test_diff_getter_stays_inside(driver: aufs.Driver) -> None:
 def test_diff_stream_reports_errors_instead_of_truncating(driver: aufs.Driver) -> None:
     driver.create("1")
     driver.apply_diff("1", "", io.BytesIO(archive([member("f", data=b"x" * 100)])))
-    driver.id_mapping = aufs.idmap.IdentityMapping(aufs.idmap.IDMap.from_triples([(0, 5, 1)]))
+    driver.id_mapping = IdentityMapping(IDMap.from_triples([(0, 5, 1)]))
     with driver.diff("1", "") as stream, pytest.raises(aufs.DiffError, match="not mapped"):
         stream.read()
 

@@ -16,7 +16,7 @@ import pytest
 
 import aufs
 import tarbuild
-from aufs.store import Store
+from aufs.store.layout import Store
 from conftest import Harness
 
 FAST = aufs.RetryPolicy(unmount_attempts=3, unmount_delay=0.01)
@@ -291,7 +291,7 @@ def test_remove_refuses_a_base_layer_another_process_holds(driver: aufs.Driver,
 
 
 def test_remove_waits_for_an_apply_under_way(driver: aufs.Driver) -> None:
-    from aufs.locking import LayerReferences
+    from aufs.store.locking import LayerReferences
 
     driver.create("target")
     guard = LayerReferences.lock_for_change(driver.store.layer_file("target"))

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import aufs
-from aufs import fsck
+from aufs.cli.samples import shipped_sample_path
 from aufs.images import Catalog, import_images
-from aufs.samples import shipped_sample_path
+from aufs.store import fsck
 from conftest import FIXTURES, IS_ROOT, Harness, tmpfs_mount
 from tarbuild import archive, member, tree_snapshot
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aufs import _fallback
-from aufs.tarformat import REGULAR, TarFormatError, TarHeader, build_header, parse_header
+from aufs.archive.format import REGULAR, TarFormatError, TarHeader, build_header, parse_header
 from conftest import NATIVE
 
 headers = st.builds(

@@ -1,5 +1,9 @@
-"""Whole images on top of the layer store: import (OCI layouts, docker save archives),
-export, tags, and rescuing the images of an old Docker AUFS root."""
+"""Whole images on top of the layer store: sources (OCI layouts, docker save archives),
+compression and digests, import, export, tags (`catalog`), and the registry client with pull
+and push.
+
+May import: `aufs.store`, `aufs.archive` and the core; never `aufs.docker` or the command line.
+"""
 
 from aufs.images.catalog import Catalog, Tag, UnknownImageError
 from aufs.images.compression import CompressionError

@@ -8,9 +8,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from aufs.atomic import atomic_write
 from aufs.errors import AufsError
-from aufs.store import Store
+from aufs.store.atomic import atomic_write
+from aufs.store.layout import Store
 
 INDEX_VERSION = 1
 

@@ -14,12 +14,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aufs.atomic import fsync_directory
-from aufs.driver import Driver
 from aufs.images.catalog import Catalog
 from aufs.images.compression import gzip_stream, zstd_stream
 from aufs.images.digests import HashingReader, buffered
 from aufs.images.sources import REF_NAME, host_platform
+from aufs.store.atomic import fsync_directory
+from aufs.store.driver import Driver
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

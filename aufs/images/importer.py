@@ -9,11 +9,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aufs.driver import Driver
 from aufs.images.catalog import Catalog
 from aufs.images.compression import DecompressingReader
 from aufs.images.digests import HashingReader, buffered, chain_ids, parse_digest, verify_digest
 from aufs.images.sources import ImageSourceError, LayerBlob, SourceImage, open_images
+from aufs.store.driver import Driver
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-from aufs.driver import Driver
 from aufs.images.catalog import Catalog
 from aufs.images.digests import DigestMismatchError, buffered, chain_ids, parse_digest
 from aufs.images.importer import ImportedImage, Progress, add_layer
 from aufs.images.registry import Credentials, Reference, RegistryClient
 from aufs.images.sources import ImageSourceError, LayerBlob, host_platform
+from aufs.store.driver import Driver
 
 log = logging.getLogger(__name__)
 

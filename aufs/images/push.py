@@ -10,12 +10,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-from aufs.atomic import atomic_write
-from aufs.driver import Driver
 from aufs.images.catalog import Catalog
 from aufs.images.exporter import OCI_MANIFEST, image_config, layer_files, oci_manifest
 from aufs.images.importer import Progress
 from aufs.images.registry import Credentials, Reference, RegistryClient
+from aufs.store.atomic import atomic_write
+from aufs.store.driver import Driver
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import random
 
-from aufs.tarformat import (
+from aufs.archive.format import (
     DIRECTORY,
     HARDLINK,
     REGULAR,

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aufs
-from aufs import fsck
+from aufs.cli.samples import shipped_sample_path
 from aufs.images import Catalog, import_images
-from aufs.samples import shipped_sample_path
+from aufs.store import fsck
 from campaigns.archives import campaign_archive
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_worker.py")

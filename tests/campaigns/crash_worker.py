@@ -10,10 +10,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aufs
+from aufs.cli.samples import shipped_sample_path
 from aufs.images import Catalog, import_images
-from aufs.migrate import migrate, migration_in_progress
-from aufs.samples import shipped_sample_path
-from aufs.store import Store
+from aufs.store.layout import Store
+from aufs.store.migrate import migrate, migration_in_progress
 from campaigns.archives import campaign_archive
 
 ARCHIVES = [campaign_archive(index) for index in range(3)]

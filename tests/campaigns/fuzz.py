@@ -128,7 +128,7 @@ def fuzz_apply(arena: Arena, examples: int, seed: int) -> None:
 
 
 def fuzz_layers_parser(root: Path, examples: int) -> int:
-    store = aufs.store.Store(str(root))
+    store = aufs.store.layout.Store(str(root))
     (root / "layers").mkdir(parents=True, exist_ok=True)
     count = 0
 

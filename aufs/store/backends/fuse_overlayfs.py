@@ -13,10 +13,10 @@ import shutil
 import subprocess
 
 from aufs import machine
-from aufs.backends.base import Backend, MountRequest
 from aufs.errors import MountError, NotSupportedError
 from aufs.fsmagic import FsMagic
-from aufs.mounters import MNT_DETACH, Mounter
+from aufs.store.backends.base import Backend, MountRequest
+from aufs.store.mounters import MNT_DETACH, Mounter
 
 MOUNT_TIMEOUT = 60
 

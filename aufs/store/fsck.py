@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass
 
 from aufs import _implementation as native
-from aufs import whiteouts
-from aufs.atomic import atomic_remove, remove_tree
+from aufs.archive import whiteouts
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.images.importer import INCOMPLETE_SUFFIX
-from aufs.locking import LayerReferences, RootLock, lock_would_block
-from aufs.store import Store
+from aufs.store.atomic import atomic_remove, remove_tree
+from aufs.store.layout import Store
+from aufs.store.locking import LayerReferences, RootLock, lock_would_block
 
 MNT_DETACH = 0x2
 
@@ -202,9 +202,9 @@ def repair(root: str) -> tuple[list[Problem], list[Problem]]:
 
 
 def _repair_one(store: Store, problem: Problem) -> None:
+    from aufs.archive.staging import clone_tree, exchange
     from aufs.images.catalog import Catalog
-    from aufs.migrate import migrate, to_overlay
-    from aufs.staging import clone_tree, exchange
+    from aufs.store.migrate import migrate, to_overlay
 
     if problem.code == "orphan-mount":
         native.unmount(problem.path, MNT_DETACH)

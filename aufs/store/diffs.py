@@ -10,19 +10,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
 from aufs import _implementation as native
-from aufs.atomic import remove_tree
-from aufs.backends import MountRequest
-from aufs.beneath import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
-from aufs.changes import Change, ChangeKind, changes_size, layered_changes, tree_changes
+from aufs.archive.beneath import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
+from aufs.archive.changes import Change, ChangeKind, changes_size, layered_changes, tree_changes
+from aufs.archive.export import ExportOptions, TarPipe, write_entries, write_tree
+from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.staging import clone_tree, exchange
 from aufs.errors import AufsError, DiffError, LayerInUseError, LayerNotFoundError
-from aufs.export import ExportOptions, TarPipe, write_entries, write_tree
-from aufs.extract import ExtractOptions, WhiteoutMode, extract
 from aufs.ids import validate_layer_id
-from aufs.locking import LayerReferences
-from aufs.staging import clone_tree, exchange
+from aufs.store.atomic import remove_tree
+from aufs.store.backends import MountRequest
+from aufs.store.locking import LayerReferences
 
 if TYPE_CHECKING:
-    from aufs.driver import Driver
+    from aufs.store.driver import Driver
 
 
 class FileGetter:

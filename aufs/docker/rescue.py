@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from aufs.archive.export import ExportOptions, write_tree
 from aufs.errors import AufsError
-from aufs.export import ExportOptions, write_tree
 from aufs.images.digests import chain_ids, parse_digest
 from aufs.images.sources import REF_NAME
-from aufs.layerdiffs import FileGetter
+from aufs.store.diffs import FileGetter
 
 log = logging.getLogger(__name__)
 

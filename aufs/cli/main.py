@@ -14,11 +14,11 @@ from typing import Any, BinaryIO, NamedTuple
 
 from aufs import _implementation as native
 from aufs import machine
-from aufs.backends import BACKENDS
-from aufs.driver import Driver
+from aufs.cli.progress import Progress
 from aufs.errors import AufsError, NotSupportedError
 from aufs.images.digests import HashingReader, buffered
-from aufs.progress import Progress
+from aufs.store.backends import BACKENDS
+from aufs.store.driver import Driver
 
 log = logging.getLogger("aufs")
 
@@ -280,8 +280,8 @@ def command_rm(arguments: argparse.Namespace) -> int:
 
 
 def command_migrate(arguments: argparse.Namespace) -> int:
-    from aufs.migrate import migrate
-    from aufs.store import Store
+    from aufs.store.layout import Store
+    from aufs.store.migrate import migrate
 
     with _progress("migrate") as progress:
         result = migrate(Store(os.path.abspath(arguments.root)), arguments.to, progress)
@@ -294,7 +294,7 @@ def command_migrate(arguments: argparse.Namespace) -> int:
 
 
 def command_rescue(arguments: argparse.Namespace) -> int:
-    from aufs.images.rescue import rescue
+    from aufs.docker.rescue import rescue
 
     with _progress("rescue") as progress:
         images = rescue(arguments.docker_root, arguments.output, progress)
@@ -309,7 +309,7 @@ def command_rescue(arguments: argparse.Namespace) -> int:
 
 
 def command_fsck(arguments: argparse.Namespace) -> int:
-    from aufs import fsck
+    from aufs.store import fsck
 
     root = os.path.abspath(arguments.root)
     if arguments.repair:
@@ -382,7 +382,7 @@ def command_push(arguments: argparse.Namespace) -> int:
 
 
 def command_demo(arguments: argparse.Namespace) -> int:
-    from aufs.demo import run_demo
+    from aufs.cli.demo import run_demo
 
     return run_demo(arguments.backend)
 

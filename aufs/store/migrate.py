@@ -17,11 +17,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aufs import whiteouts
-from aufs.atomic import atomic_write, remove_tree
+from aufs.archive import whiteouts
+from aufs.archive.staging import clone_tree, exchange
 from aufs.errors import AufsError
-from aufs.staging import clone_tree, exchange
-from aufs.store import FORMAT_MARKER, WHITEOUT_FORMATS, Store
+from aufs.store.atomic import atomic_write, remove_tree
+from aufs.store.layout import FORMAT_MARKER, WHITEOUT_FORMATS, Store
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from aufs.tarformat import (
+from aufs.archive.format import (
     BLOCK,
     GNU_LONGLINK,
     GNU_LONGNAME,

@@ -11,9 +11,9 @@ import tempfile
 from collections.abc import Callable
 
 from aufs import _implementation as native
-from aufs.driver import Driver
+from aufs.cli.samples import shipped_sample_path
 from aufs.images import Catalog, import_images
-from aufs.samples import shipped_sample_path
+from aufs.store.driver import Driver
 
 
 def _tree(directory: str, depth: int = 0) -> list[str]:

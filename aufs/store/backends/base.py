@@ -10,7 +10,7 @@ from typing import ClassVar
 from aufs import _implementation as native
 from aufs.errors import IncompatibleFSError
 from aufs.fsmagic import backing_fs_name
-from aufs.mounters import SYSCALLS, Mounter
+from aufs.store.mounters import SYSCALLS, Mounter
 
 
 @dataclass(frozen=True)

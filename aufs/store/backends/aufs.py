@@ -13,12 +13,12 @@ import weakref
 from typing import Any
 
 from aufs import _implementation as native
-from aufs.backends.base import Backend, MountRequest
 from aufs.errors import MountError, NotSupportedError
 from aufs.fsmagic import FsMagic
 from aufs.machine import Kernel
-from aufs.mounters import MNT_DETACH, MS_REMOUNT, Mounter
-from aufs.retry import RetryPolicy
+from aufs.store.backends.base import Backend, MountRequest
+from aufs.store.mounters import MNT_DETACH, MS_REMOUNT, Mounter
+from aufs.store.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

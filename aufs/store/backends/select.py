@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from aufs.backends.aufs import AufsBackend
-from aufs.backends.base import Backend
-from aufs.backends.fuse_overlayfs import FuseOverlayfsBackend
-from aufs.backends.overlay import OverlayBackend
 from aufs.errors import NotSupportedError
-from aufs.mounters import Mounter
+from aufs.store.backends.aufs import AufsBackend
+from aufs.store.backends.base import Backend
+from aufs.store.backends.fuse_overlayfs import FuseOverlayfsBackend
+from aufs.store.backends.overlay import OverlayBackend
+from aufs.store.mounters import Mounter
 
 BACKENDS: dict[str, type[Backend]] = {
     "aufs": AufsBackend,

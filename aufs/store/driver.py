@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from aufs import _implementation as native
-from aufs.atomic import atomic_remove
-from aufs.backends import Backend, MountRequest, resolve_backend
-from aufs.changes import Change
+from aufs.archive.changes import Change
+from aufs.archive.idmap import IdentityMapping, IDMap
 from aufs.errors import (
     AufsError,
     LayerExistsError,
@@ -26,14 +25,15 @@ from aufs.errors import (
     UnmountBusyError,
 )
 from aufs.fsmagic import backing_fs_name
-from aufs.idmap import IdentityMapping, IDMap
 from aufs.ids import validate_layer_id
-from aufs.layerdiffs import FileGetter, LayerDiffs
-from aufs.locking import LayerReferences, NamedLocks, RootLock
-from aufs.migrate import MigrationError, migration_in_progress
-from aufs.mounters import MNT_DETACH, Mounter
-from aufs.retry import RetryPolicy, unmount_with_retries
-from aufs.store import Store
+from aufs.store.atomic import atomic_remove
+from aufs.store.backends import Backend, MountRequest, resolve_backend
+from aufs.store.diffs import FileGetter, LayerDiffs
+from aufs.store.layout import Store
+from aufs.store.locking import LayerReferences, NamedLocks, RootLock
+from aufs.store.migrate import MigrationError, migration_in_progress
+from aufs.store.mounters import MNT_DETACH, Mounter
+from aufs.store.retry import RetryPolicy, unmount_with_retries
 
 log = logging.getLogger(__name__)
 

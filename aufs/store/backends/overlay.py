@@ -7,11 +7,11 @@ import logging
 import os
 
 from aufs import machine
-from aufs.backends.base import Backend, MountRequest
 from aufs.errors import MountError, NotSupportedError
 from aufs.fsmagic import FsMagic
 from aufs.machine import Kernel
-from aufs.mounters import Mounter
+from aufs.store.backends.base import Backend, MountRequest
+from aufs.store.mounters import Mounter
 
 log = logging.getLogger(__name__)
 

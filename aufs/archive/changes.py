@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from aufs import whiteouts
+from aufs.archive import whiteouts
 
 CAPABILITY_XATTR = "security.capability"
 

@@ -1,7 +1,7 @@
 """The sample image the repository ships (aufs/data/sample-image.tar), made by this code.
 
 Two layers, deterministic to the byte: a small base tree, then a layer with a modified file,
-a new file, a whiteout and an opaque directory. `python -m aufs.samples OUT` rebuilds it; a
+a new file, a whiteout and an opaque directory. `python -m aufs.cli.samples OUT` rebuilds it; a
 test checks that the shipped file is exactly what this code makes.
 """
 
@@ -16,7 +16,15 @@ import tarfile
 import zlib
 from importlib import resources
 
-from aufs.tarformat import DIRECTORY, REGULAR, SYMLINK, ZERO_BLOCK, TarHeader, build_header, padding
+from aufs.archive.format import (
+    DIRECTORY,
+    REGULAR,
+    SYMLINK,
+    ZERO_BLOCK,
+    TarHeader,
+    build_header,
+    padding,
+)
 
 MTIME = 1_700_000_000 * 1_000_000_000
 Entry = tuple[str, bytes, bytes, str]  # (name, typeflag, content, link target)

@@ -18,9 +18,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from aufs.atomic import atomic_remove, atomic_write, fsync_directory, remove_tree
 from aufs.errors import AufsError, LayerNotFoundError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
+from aufs.store.atomic import atomic_remove, atomic_write, fsync_directory, remove_tree
 
 log = logging.getLogger(__name__)
 

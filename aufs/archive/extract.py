@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aufs import _implementation as native
-from aufs import machine, whiteouts
-from aufs.beneath import BeneathRoot
-from aufs.errors import DiffError
-from aufs.idmap import IdentityMapping
-from aufs.tarformat import (
+from aufs import machine
+from aufs.archive import whiteouts
+from aufs.archive.beneath import BeneathRoot
+from aufs.archive.format import (
     BLOCK_DEVICE,
     CHAR,
     CONTIGUOUS,
@@ -40,7 +39,9 @@ from aufs.tarformat import (
     TarFormatError,
     TarHeader,
 )
-from aufs.tarstream import TarReader
+from aufs.archive.idmap import IdentityMapping
+from aufs.archive.reader import TarReader
+from aufs.errors import DiffError
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from aufs import _implementation as native
-from aufs import whiteouts
-from aufs.errors import DiffError
-from aufs.idmap import IdentityMapping
-from aufs.tarformat import (
+from aufs.archive import whiteouts
+from aufs.archive.format import (
     BLOCK_DEVICE,
     CHAR,
     DIRECTORY,
@@ -35,6 +33,8 @@ from aufs.tarformat import (
     TarHeader,
     build_header,
 )
+from aufs.archive.idmap import IdentityMapping
+from aufs.errors import DiffError
 
 log = logging.getLogger(__name__)
 
