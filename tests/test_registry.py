@@ -14,7 +14,7 @@ import pytest
 from registries import FakeRegistry, TokenService, htpasswd, real_registry
 
 import aufs
-import aufs.store.fsck
+import aufs.images.fsck
 from aufs.images import Catalog, import_images
 from aufs.images.digests import DigestMismatchError
 from aufs.images.pull import pull
@@ -232,7 +232,7 @@ def test_wrong_digest_stores_nothing(fake: FakeRegistry, scratch: Path) -> None:
     target = aufs.Driver(scratch / "target", backend="overlay")
     assert len(target.layer_ids()) == 2  # the good layers stay; the bad one is not stored
     assert not any(layer.endswith("-incomplete") for layer in target.layer_ids())
-    assert aufs.store.fsck.check(target.root) == []
+    assert aufs.images.fsck.check(target.root) == []
 
 
 def test_truncated_blob(fake: FakeRegistry, scratch: Path) -> None:

@@ -309,7 +309,7 @@ def command_rescue(arguments: argparse.Namespace) -> int:
 
 
 def command_fsck(arguments: argparse.Namespace) -> int:
-    from aufs.store import fsck
+    from aufs.images import fsck
 
     root = os.path.abspath(arguments.root)
     if arguments.repair:

@@ -14,6 +14,7 @@ from aufs.images.compression import DecompressingReader
 from aufs.images.digests import HashingReader, buffered, chain_ids, parse_digest, verify_digest
 from aufs.images.sources import ImageSourceError, LayerBlob, SourceImage, open_images
 from aufs.store.driver import Driver
+from aufs.store.layout import INCOMPLETE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ def import_image(driver: Driver, catalog: Catalog, image: SourceImage, tag: str 
     return ImportedImage(tag, layers[-1], tuple(layers), tuple(created), config_digest)
 
 
-INCOMPLETE_SUFFIX = "-incomplete"
 
 
 def add_layer(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: str,

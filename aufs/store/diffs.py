@@ -1,5 +1,8 @@
 """The diff half of the driver: diff, diff_size, apply_diff, changes and diff_getter, each
-with Docker's fast path (the direct parent) and naive path (any other parent)."""
+with Docker's fast path (the direct parent) and naive path (any other parent).
+
+It works on a store, a backend and the store's locks, and mounts layers through the get and
+put it is given; it never sees the Driver itself."""
 
 from __future__ import annotations
 
@@ -7,22 +10,21 @@ import contextlib
 import io
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from aufs import _implementation as native
 from aufs.archive.beneath import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 from aufs.archive.changes import Change, ChangeKind, changes_size, layered_changes, tree_changes
 from aufs.archive.export import ExportOptions, TarPipe, write_entries, write_tree
 from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.idmap import IdentityMapping
 from aufs.archive.staging import clone_tree, exchange
 from aufs.errors import AufsError, DiffError, LayerInUseError, LayerNotFoundError
 from aufs.ids import validate_layer_id
 from aufs.store.atomic import remove_tree
-from aufs.store.backends import MountRequest
-from aufs.store.locking import LayerReferences
-
-if TYPE_CHECKING:
-    from aufs.store.driver import Driver
+from aufs.store.backends import Backend, MountRequest
+from aufs.store.layout import Store
+from aufs.store.locking import LayerReferences, StoreLocks
 
 
 class FileGetter:
@@ -51,11 +53,19 @@ class FileGetter:
 
 
 class LayerDiffs:
-    """Diff operations over one driver's store."""
+    """Diff operations over one store. get and put are the driver's: the naive path mounts
+    layers through them, so their references count as any other user's."""
 
-    def __init__(self, driver: Driver) -> None:
-        self.driver = driver
-        self.store = driver.store
+    def __init__(self, store: Store, backend: Backend, locks: StoreLocks, *,
+                 get: Callable[[str], str], put: Callable[[str], None],
+                 whiteout_format: str, id_mapping: IdentityMapping) -> None:
+        self.store = store
+        self.backend = backend
+        self.locks = locks
+        self.get = get
+        self.put = put
+        self.whiteout_format = whiteout_format
+        self.id_mapping = id_mapping
 
     # ---- which path ----------------------------------------------------------------------
 
@@ -80,7 +90,7 @@ class LayerDiffs:
         return layer_id, parent
 
     def _export_options(self) -> ExportOptions:
-        return ExportOptions(id_mapping=self.driver.id_mapping)
+        return ExportOptions(id_mapping=self.id_mapping)
 
     # ---- changes and sizes ---------------------------------------------------------------
 
@@ -102,18 +112,18 @@ class LayerDiffs:
 
     @contextlib.contextmanager
     def _mounted_pair(self, layer_id: str, parent: str):  # type: ignore[no-untyped-def]
-        layer_fs = self.driver.get(layer_id)
+        layer_fs = self.get(layer_id)
         try:
             if not parent:
                 yield layer_fs, None
                 return
-            parent_fs = self.driver.get(parent)
+            parent_fs = self.get(parent)
             try:
                 yield layer_fs, parent_fs
             finally:
-                self.driver.put(parent)
+                self.put(parent)
         finally:
-            self.driver.put(layer_id)
+            self.put(layer_id)
 
     # ---- diff ----------------------------------------------------------------------------
 
@@ -123,25 +133,25 @@ class LayerDiffs:
         options = self._export_options()
         if self.is_parent(layer_id, parent):
             branch = self.store.diff_path(layer_id)
-            with self.driver._root_lock.hold():
+            with self.locks.root.hold():
                 hold = self._hold(layer_id)
             return self._stream(lambda out: write_tree(branch, out, options),
                                 on_close=lambda: os.close(hold))
-        layer_fs = self.driver.get(layer_id)
+        layer_fs = self.get(layer_id)
         parent_fs = None
         try:
-            parent_fs = self.driver.get(parent) if parent else None
+            parent_fs = self.get(parent) if parent else None
             changes = tree_changes(layer_fs, parent_fs)
         except BaseException:
             if parent_fs is not None:
-                self.driver.put(parent)
-            self.driver.put(layer_id)
+                self.put(parent)
+            self.put(layer_id)
             raise
         if parent:
-            self.driver.put(parent)
+            self.put(parent)
         entries = [(c.path, c.kind is ChangeKind.DELETE) for c in sorted(changes)]
         return self._stream(lambda out: write_entries(layer_fs, entries, out, options),
-                            on_close=lambda: self.driver.put(layer_id))
+                            on_close=lambda: self.put(layer_id))
 
     @staticmethod
     def _stream(produce: Callable[[int], None],
@@ -155,10 +165,9 @@ class LayerDiffs:
         """Unpacks stream into the layer. Fast path: the branch's new apparent size; naive
         path: the sum of the archive's entry sizes. A failure leaves the layer as it was."""
         layer_id, parent = self._check(layer_id, parent)
-        driver = self.driver
-        with driver._id_locks.hold(layer_id):
-            with driver._root_lock.hold():
-                if driver._references.count(layer_id) or driver._backend.is_mounted(
+        with self.locks.ids.hold(layer_id):
+            with self.locks.root.hold():
+                if self.locks.references.count(layer_id) or self.backend.is_mounted(
                         self.store.mount_path(layer_id)):
                     raise DiffError(f"layer {layer_id!r} is mounted: put it before applying "
                                     "a diff")
@@ -195,20 +204,19 @@ class LayerDiffs:
                       allow_devices: bool) -> int | None:
         """The apply proper, into a staged clone swapped in at the end; None on the fast
         path (the caller measures the branch)."""
-        driver = self.driver
         fast = self.is_parent(layer_id, parent)
         with self.store.staging("apply") as staging:
             tree = os.path.join(staging, "tree")
             clone_tree(self.store.diff_path(layer_id), tree)
             if fast:
-                mode = (WhiteoutMode.OVERLAY if driver.whiteout_format == "overlay"
+                mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
                         else WhiteoutMode.LITERAL)
-                extract(stream, tree, ExtractOptions(mode, driver.id_mapping, allow_devices))
+                extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices))
                 size = None
             else:
                 size = self._apply_through_union(layer_id, staging, tree, stream,
                                                  allow_devices)
-            with driver._root_lock.hold():
+            with self.locks.root.hold():
                 exchange(tree, self.store.diff_path(layer_id))
             remove_tree(tree)
         return size
@@ -220,20 +228,20 @@ class LayerDiffs:
         parents = self.store.parent_ids(layer_id)
         if not parents:
             result = extract(stream, tree, ExtractOptions(WhiteoutMode.APPLY,
-                                                          self.driver.id_mapping, allow_devices))
+                                                          self.id_mapping, allow_devices))
             return result.header_bytes
         target = os.path.join(staging, "mnt")
         work = os.path.join(staging, "work")
         os.mkdir(target)
         os.mkdir(work)
-        backend = self.driver._backend
+        backend = self.backend
         request = MountRequest(layer_id=layer_id, upper=tree,
                                lowers=tuple(self.store.diff_path(p) for p in parents),
                                target=target, work=work if backend.needs_work_dir else None)
         backend.mount(request)
         try:
             result = extract(stream, target, ExtractOptions(WhiteoutMode.APPLY,
-                                                            self.driver.id_mapping,
+                                                            self.id_mapping,
                                                             allow_devices))
         finally:
             backend.before_unmount(target)

@@ -30,7 +30,7 @@ from aufs.store.atomic import atomic_remove
 from aufs.store.backends import Backend, MountRequest, resolve_backend
 from aufs.store.diffs import FileGetter, LayerDiffs
 from aufs.store.layout import Store
-from aufs.store.locking import LayerReferences, NamedLocks, RootLock
+from aufs.store.locking import LayerReferences, RootLock, StoreLocks
 from aufs.store.migrate import MigrationError, migration_in_progress
 from aufs.store.mounters import MNT_DETACH, Mounter
 from aufs.store.retry import RetryPolicy, unmount_with_retries
@@ -75,8 +75,8 @@ class Driver:
                 f"store root {self.root!r} holds {', '.join(map(repr, bad))}, which union mount "
                 "options cannot carry; choose a path without them"
             )
-        self.id_mapping = IdentityMapping(IDMap.from_triples(uid_maps),
-                                          IDMap.from_triples(gid_maps))
+        self._id_mapping = IdentityMapping(IDMap.from_triples(uid_maps),
+                                           IDMap.from_triples(gid_maps))
         self.retry_policy = retry_policy or RetryPolicy()
         self._store = Store(self.root)
         heading = migration_in_progress(self._store)
@@ -96,12 +96,12 @@ class Driver:
             self._store.write_format(store_format)
         self.whiteout_format: str = store_format
 
-        self._id_locks = NamedLocks()
-        self._root_lock = RootLock(self._store.layers_dir)
-        self._references = LayerReferences()
-        with self._root_lock.hold():
+        self._locks = StoreLocks(RootLock(self._store.layers_dir))
+        with self._locks.root.hold():
             self._store.clean_stale()
-        self._diffs = LayerDiffs(self)
+        self._diffs = LayerDiffs(self._store, self._backend, self._locks, get=self.get,
+                                 put=self.put, whiteout_format=store_format,
+                                 id_mapping=self.id_mapping)
 
     # ---- identity -------------------------------------------------------------------------
 
@@ -119,6 +119,16 @@ class Driver:
     @property
     def store(self) -> Store:
         return self._store
+
+    @property
+    def id_mapping(self) -> IdentityMapping:
+        """How owners map between the host and the layers' archives (uid_maps, gid_maps)."""
+        return self._id_mapping
+
+    @id_mapping.setter
+    def id_mapping(self, mapping: IdentityMapping) -> None:
+        self._id_mapping = mapping
+        self._diffs.id_mapping = mapping
 
     # ---- metadata -------------------------------------------------------------------------
 
@@ -146,7 +156,7 @@ class Driver:
             ("Backend", self.backend),
             ("Whiteout Format", self.whiteout_format),
             ("Implementation", native.IMPLEMENTATION),
-            ("Layers Held", str(len(self._references.held()))),
+            ("Layers Held", str(len(self._locks.references.held()))),
         ]
 
     def get_metadata(self, layer_id: str) -> dict[str, str]:
@@ -170,7 +180,7 @@ class Driver:
         parent = validate_layer_id(parent, "parent id") if parent else ""
         if opts is not None and opts.storage_opt:
             raise AufsError("--storage-opt is not supported for aufs")
-        with self._id_locks.hold(layer_id), self._root_lock.hold():
+        with self._locks.ids.hold(layer_id), self._locks.root.hold():
             if self._store.exists(layer_id):
                 raise LayerExistsError(f"layer {layer_id!r} already exists in {self.root}")
             parents = [parent, *self._store.parent_ids(parent)] if parent else []
@@ -192,7 +202,7 @@ class Driver:
         """Unmounts and deletes a layer. A mount still busy after the retries raises
         UnmountBusyError and keeps the layer; force=True detaches it lazily instead."""
         layer_id = validate_layer_id(layer_id)
-        with self._id_locks.hold(layer_id), self._root_lock.hold():
+        with self._locks.ids.hold(layer_id), self._locks.root.hold():
             leftovers = [path for path in (self._store.diff_path(layer_id),
                                            self._store.mount_path(layer_id))
                          if os.path.lexists(path)]
@@ -205,8 +215,8 @@ class Driver:
                     "remove those first"
                 )
             # Docker removes a layer this process still holds; other processes' holds count.
-            held = self._references.count(layer_id)
-            self._references.forget(layer_id)
+            held = self._locks.references.count(layer_id)
+            self._locks.references.forget(layer_id)
             try:
                 if LayerReferences.changing(self._store.layer_file(layer_id)):
                     raise LayerInUseError(f"layer {layer_id!r} is being changed (an apply is "
@@ -218,7 +228,7 @@ class Driver:
                         "under way); put it there first, or remove with force=True")
                 self._unmount_layer(layer_id, force=force, refuse_if_shared=True)
             except BaseException:
-                self._references.restore(layer_id, self._store.diff_path(layer_id), held)
+                self._locks.references.restore(layer_id, self._store.diff_path(layer_id), held)
                 raise
             self._store.remove_layer_file(layer_id)
             self._store.remove_layer_dirs(layer_id)
@@ -230,14 +240,14 @@ class Driver:
         layer_id = validate_layer_id(layer_id)
         new_id = validate_layer_id(new_id, "new layer id")
         first, second = sorted((layer_id, new_id))
-        with self._id_locks.hold(first), self._id_locks.hold(second), self._root_lock.hold():
+        with self._locks.ids.hold(first), self._locks.ids.hold(second), self._locks.root.hold():
             store = self._store
             parents = store.parent_ids(layer_id)
             if store.exists(new_id):
                 raise LayerExistsError(f"layer {new_id!r} already exists in {self.root}")
             if store.children(layer_id):
                 raise LayerInUseError(f"layer {layer_id!r} has children: it cannot be renamed")
-            if (self._references.count(layer_id) or self.is_mounted(layer_id)
+            if (self._locks.references.count(layer_id) or self.is_mounted(layer_id)
                     or LayerReferences.held_elsewhere(store.diff_path(layer_id))
                     or LayerReferences.changing(store.layer_file(layer_id))):
                 raise LayerInUseError(f"layer {layer_id!r} is in use; put it first")
@@ -257,15 +267,15 @@ class Driver:
         """The path of the layer's root filesystem: diff/<id> for a base layer, the union
         mount mnt/<id> for a child. Each get needs one put."""
         layer_id = validate_layer_id(layer_id)
-        with self._id_locks.hold(layer_id):
+        with self._locks.ids.hold(layer_id):
             parents = self._store.parent_ids(layer_id)
             path = self._path_for(layer_id, parents)
-            if self._references.count(layer_id) > 0 and (
+            if self._locks.references.count(layer_id) > 0 and (
                 not parents or self._backend.is_mounted(path)
             ):
                 self._acquire(layer_id)
                 return path
-            with self._root_lock.hold():
+            with self._locks.root.hold():
                 parents = self._store.parent_ids(layer_id)  # again: another process may
                 path = self._path_for(layer_id, parents)  # have removed it meanwhile
                 self._acquire(layer_id)
@@ -275,7 +285,7 @@ class Driver:
                             self._store.ensure_work_dir(layer_id, self._layer_owner)
                         self._backend.mount(self._mount_request(layer_id, parents, mount_label))
                 except BaseException:
-                    self._references.release(layer_id)
+                    self._locks.references.release(layer_id)
                     raise
             return path
 
@@ -283,17 +293,17 @@ class Driver:
         """Releases one get. The last one unmounts, unless another process still holds the
         layer. A mount that stays busy raises UnmountBusyError and stays held."""
         layer_id = validate_layer_id(layer_id)
-        with self._id_locks.hold(layer_id):
-            count = self._references.count(layer_id)
+        with self._locks.ids.hold(layer_id):
+            count = self._locks.references.count(layer_id)
             try:
                 parents = self._store.parent_ids(layer_id)
             except LayerNotFoundError:
-                self._references.forget(layer_id)  # it went away: let go of what we held
+                self._locks.references.forget(layer_id)  # it went away: let go of what we held
                 raise
             if count > 1:
-                self._references.release(layer_id)
+                self._locks.references.release(layer_id)
                 return
-            with self._root_lock.hold():
+            with self._locks.root.hold():
                 if count == 0:
                     # Docker's "Put without Get": release a mount that a previous process left.
                     if parents and self._backend.is_mounted(self._store.mount_path(layer_id)):
@@ -303,11 +313,11 @@ class Driver:
                         f"put({layer_id!r}) without a matching get: this process holds no "
                         "reference to the layer and it is not mounted"
                     )
-                self._references.release(layer_id)
+                self._locks.references.release(layer_id)
                 try:
                     self._unmount_layer(layer_id, force=False, refuse_if_shared=False)
                 except UnmountBusyError:
-                    self._references.acquire(layer_id, self._store.diff_path(layer_id))
+                    self._locks.references.acquire(layer_id, self._store.diff_path(layer_id))
                     raise
 
     @contextlib.contextmanager
@@ -344,7 +354,7 @@ class Driver:
     def cleanup(self) -> None:
         """Unmounts every layer mount under mnt/ that no other process holds. It always
         finishes: a mount that stays busy is detached lazily."""
-        with self._root_lock.hold():
+        with self._locks.root.hold():
             try:
                 names = sorted(os.listdir(self._store.mnt_dir))
             except FileNotFoundError:
@@ -353,7 +363,7 @@ class Driver:
                 target = self._store.mount_path(name)
                 if not self._backend.is_mounted(target):
                     continue
-                self._references.forget(name)
+                self._locks.references.forget(name)
                 if LayerReferences.held_elsewhere(self._store.diff_path(name)):
                     log.info("cleanup: leaving %s mounted, another process holds it", target)
                     continue
@@ -363,8 +373,8 @@ class Driver:
                                          force=True)
                 except (AufsError, OSError) as error:
                     log.warning("cleanup: cannot unmount %s: %s", target, error)
-            self._references.forget_all()
-        self._root_lock.close()
+            self._locks.references.forget_all()
+        self._locks.root.close()
 
     def __enter__(self) -> Driver:
         return self
@@ -376,7 +386,7 @@ class Driver:
 
     def _acquire(self, layer_id: str) -> None:
         try:
-            self._references.acquire(layer_id, self._store.diff_path(layer_id))
+            self._locks.references.acquire(layer_id, self._store.diff_path(layer_id))
         except FileNotFoundError:
             raise LayerNotFoundError(f"layer {layer_id!r} lost its content ({self.root}/diff/"
                                      f"{layer_id} is missing); see `aufs fsck`") from None

@@ -3,7 +3,8 @@
 A healthy root: every layer in layers/ has its diff/ dir and an intact parent chain; nothing
 is half done (no staging entry without a live owner, no `*-removing`, no migration under
 way); no mount under mnt/ belongs to a layer that does not exist; no dir in diff/ or mnt/
-lacks its layer; the whiteouts found agree with the format marker; every tag names a layer.
+lacks its layer; the whiteouts found agree with the format marker. Upper parts add their own
+checks and repairs (`aufs.images.fsck` adds the tags).
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aufs import _implementation as native
 from aufs.archive import whiteouts
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
-from aufs.images.importer import INCOMPLETE_SUFFIX
 from aufs.store.atomic import atomic_remove, remove_tree
-from aufs.store.layout import Store
+from aufs.store.layout import INCOMPLETE_SUFFIX, Store
 from aufs.store.locking import LayerReferences, RootLock, lock_would_block
 
 MNT_DETACH = 0x2
@@ -36,6 +37,10 @@ class Problem:
     def __str__(self) -> str:
         how = "repairable with --repair" if self.safe else "by hand"
         return f"{self.code}: {self.path}: {self.message} ({how}: {self.repair})"
+
+
+Check = Callable[[Store, set[str]], list[Problem]]  # (store, layer ids) -> problems
+Repair = Callable[[Store, Problem], None]
 
 
 def _listdir(path: str) -> list[str]:
@@ -70,8 +75,8 @@ def _aufs_whiteouts_in(branch: str) -> str | None:
     return None
 
 
-def check(root: str) -> list[Problem]:
-    """Every problem found in the store at root."""
+def check(root: str, extra_checks: Sequence[Check] = ()) -> list[Problem]:
+    """Every problem found in the store at root, by the store's checks and extra_checks."""
     store = Store(os.path.abspath(root))
     problems: list[Problem] = []
     add = problems.append
@@ -167,43 +172,33 @@ def check(root: str) -> list[Problem]:
                 add(Problem("format-mismatch", found, "an AUFS whiteout in an overlay-format "
                             "store (overlayfs shows it as a file)",
                             "convert that layer's whiteouts to overlay", True))
-    problems.extend(_check_tags(store, ids))
+    for more in extra_checks:
+        problems.extend(more(store, ids))
     return problems
 
 
-def _check_tags(store: Store, ids: set[str]) -> list[Problem]:
-    from aufs.images.catalog import Catalog
-
-    catalog = Catalog(store)
-    try:
-        tags = catalog.tags()
-    except AufsError as error:
-        return [Problem("corrupt-tag-index", catalog.index_path, str(error),
-                        "delete the index (tags are lost, layers stay)", False)]
-    return [Problem("dangling-tag", catalog.index_path, f"tag {tag.name!r} names missing "
-                    f"layer {tag.top[:12]}", "remove the tag", True)
-            for tag in tags.values() if tag.top not in ids]
-
-
-def repair(root: str) -> tuple[list[Problem], list[Problem]]:
+def repair(root: str, extra_checks: Sequence[Check] = (),
+           extra_repairs: Mapping[str, Repair] | None = None,
+           ) -> tuple[list[Problem], list[Problem]]:
     """Repairs every safe problem, holding the root lock (so no create or apply runs at the
-    same time in another process); returns (repaired, still there)."""
+    same time in another process); returns (repaired, still there). extra_repairs mends the
+    problems of extra_checks, by problem code."""
     store = Store(os.path.abspath(root))
     repaired = []
     lock = RootLock(store.layers_dir) if os.path.isdir(store.layers_dir) else None
     with lock.hold() if lock is not None else contextlib.nullcontext():
-        for problem in check(root):
+        for problem in check(root, extra_checks):
             if problem.safe:
-                _repair_one(store, problem)
+                mend = (extra_repairs or {}).get(problem.code, _repair_one)
+                mend(store, problem)
                 repaired.append(problem)
     if lock is not None:
         lock.close()
-    return repaired, check(root)
+    return repaired, check(root, extra_checks)
 
 
 def _repair_one(store: Store, problem: Problem) -> None:
     from aufs.archive.staging import clone_tree, exchange
-    from aufs.images.catalog import Catalog
     from aufs.store.migrate import migrate, to_overlay
 
     if problem.code == "orphan-mount":
@@ -234,9 +229,6 @@ def _repair_one(store: Store, problem: Problem) -> None:
             clone_tree(store.diff_path(layer), clone)
             to_overlay(clone)
             exchange(clone, store.diff_path(layer))
-    elif problem.code == "dangling-tag":
-        catalog = Catalog(store)
-        for tag in catalog.tags().values():
-            if not store.exists(tag.top):
-                catalog.remove_tag(tag.name)
+    else:
+        raise AufsError(f"fsck has no repair for {problem.code}")
 

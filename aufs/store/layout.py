@@ -28,6 +28,8 @@ ROOT_MODE = 0o710  # Docker 20.10's mode for ROOT and its layers/ diff/ mnt/
 LAYER_DIR_MODE = 0o755
 FORMAT_MARKER = "whiteout-format"
 WHITEOUT_FORMATS = ("aufs", "overlay")
+# the id suffix of a layer that an import or pull is still filling; renamed when whole
+INCOMPLETE_SUFFIX = "-incomplete"
 
 
 class CorruptStoreError(AufsError):

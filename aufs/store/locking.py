@@ -9,6 +9,7 @@ import fcntl
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 
 def lock_would_block(path: str, *, exclusive: bool) -> bool:
@@ -160,3 +161,13 @@ class LayerReferences:
     def held_elsewhere(diff_path: str) -> bool:
         """True when another process (or another Driver) holds a reference to this layer."""
         return lock_would_block(diff_path, exclusive=True)
+
+
+@dataclass(frozen=True)
+class StoreLocks:
+    """The locks of one open store, shared by the Driver and its diffs: per-id locks, the
+    root lock, and this process's references to layers."""
+
+    root: RootLock
+    ids: NamedLocks = field(default_factory=NamedLocks)
+    references: LayerReferences = field(default_factory=LayerReferences)

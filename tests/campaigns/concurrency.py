@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aufs
-from aufs.store import fsck
+from aufs.images import fsck
 from campaigns.archives import campaign_archive
 from campaigns.crash import archive_signature
 

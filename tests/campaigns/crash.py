@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aufs
 from aufs.cli.samples import shipped_sample_path
-from aufs.images import Catalog, import_images
-from aufs.store import fsck
+from aufs.images import Catalog, fsck, import_images
 from campaigns.archives import campaign_archive
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_worker.py")
