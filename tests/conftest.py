@@ -20,8 +20,9 @@ from aufs import _fallback
 from aufs.machine import Kernel
 
 IS_ROOT = os.geteuid() == 0
+REPO = Path(__file__).resolve().parent.parent
 # images made by umoci, skopeo and Docker 20.10 (tests/fixtures/README.md says how)
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def _native_module() -> ModuleType | None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import aufs
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FORCED_FALLBACK = os.environ.get("AUFS_NO_EXTENSIONS", "") not in ("", "0")
 
 

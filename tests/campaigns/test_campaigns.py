@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from campaigns import concurrency, crash, fuzz
 
+from campaigns import concurrency, crash, fuzz
 from conftest import IS_ROOT, backend_unavailable
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import aufs
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 VENV = os.environ.get("AUFS_TESTS_INSTALLED", "")
 
 pytestmark = pytest.mark.skipif(
