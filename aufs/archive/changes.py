@@ -129,14 +129,16 @@ class ParentStack:
         parts = relative.split("/")
         for branch in self.branches:
             directory = branch
+            hidden = False  # an opaque dir on the way hides the deeper branches below it
             for depth, name in enumerate(parts):
                 if self._is_whiteout(directory, name):
                     return None
+                hidden = hidden or (depth > 0 and self._is_opaque(directory))
                 candidate = os.path.join(directory, name)
                 info = _lstat(candidate)
                 if info is None:
-                    if self._is_opaque(directory):
-                        return None  # an opaque directory hides the deeper branches
+                    if hidden:
+                        return None
                     break  # not in this branch: look deeper
                 if depth == len(parts) - 1:
                     return candidate, info
