@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, NamedTuple
 from aufs import _implementation as native
 from aufs import machine
 from aufs.cli.progress import Progress
+from aufs.cli.sizes import human_size
 from aufs.errors import AufsError, NotSupportedError
 from aufs.images.digests import HashingReader, buffered
 from aufs.store.backends import BACKENDS
@@ -125,7 +126,7 @@ def command_ls(arguments: argparse.Namespace) -> int:
         layer = by_id[layer_id]
         marks = " mounted" if layer.mounted else ""
         tags = f" [{', '.join(layer.tags)}]" if layer.tags else ""
-        print(f"{'  ' * depth}{layer_id[:16]}  {layer.size:>10} B{marks}{tags}")
+        print(f"{'  ' * depth}{layer_id[:16]}  {human_size(layer.size):>9}{marks}{tags}")
         for child in sorted(children.get(layer_id, [])):
             show(child, depth + 1)
 
@@ -224,7 +225,10 @@ def command_apply(arguments: argparse.Namespace) -> int:
     finally:
         if source is not sys.stdin.buffer:
             source.close()
-    _print_json({"layer": arguments.layer, "size": size}) if arguments.json else print(size)
+    if arguments.json:
+        _print_json({"layer": arguments.layer, "size": size})
+    else:
+        print(human_size(size))
     return 0
 
 
@@ -249,7 +253,10 @@ def command_du(arguments: argparse.Namespace) -> int:
         layer = _resolve_layer(driver, target)
         parents = driver.parent_ids(layer)
         size = driver.diff_size(layer, parents[0] if parents else "")  # the layer's own
-    _print_json({"target": target, "size": size}) if arguments.json else print(size)
+    if arguments.json:
+        _print_json({"target": target, "size": size})
+    else:
+        print(human_size(size))
     return 0
 
 

@@ -117,10 +117,12 @@ def test_import_ls_mount_changes_diff_apply_du_rm(tmp_path: Path) -> None:
     run(root, "diff", "latest", "--parent", "v2", "-o", str(layer_tar))
     with tarfile.open(layer_tar) as tar:
         assert "fixture/opqdir/.wh..wh..opq" in tar.getnames()
-    size = int(run(root, "apply", "copy", "--parent", "v2", str(layer_tar)).stdout)
-    assert size == int(run(root, "du", "copy").stdout)
+    size = json.loads(run(root, "apply", "copy", "--parent", "v2", str(layer_tar),
+                          "--json").stdout)["size"]
+    assert size == json.loads(run(root, "du", "copy", "--json").stdout)["size"]
     assert run(root, "changes", "copy", "--parent", "v2").stdout.splitlines() == changes
-    assert int(run(root, "du", str(OCI)).stdout) == aufs.directory_size(OCI)
+    assert json.loads(run(root, "du", str(OCI), "--json").stdout)["size"] == \
+        aufs.directory_size(OCI)
 
     removed = run(root, "rm", "insert").stdout.splitlines()
     assert len(removed) == 2  # insert's own two layers; base and v2 stay for the others
@@ -336,3 +338,20 @@ def test_fsck_reports_then_repairs(tmp_path: Path) -> None:
     repaired = run(root, "fsck", "--repair")
     assert "repaired stale-removing" in repaired.stdout
     assert run(root, "fsck").returncode == 0
+
+
+def test_sizes_are_human_and_json_keeps_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with aufs.Driver(root) as driver:
+        driver.create("big")
+        driver.create("small", "big")
+    with open(root / "diff" / "big" / "sparse", "wb") as sparse:
+        sparse.truncate(198900834)  # apparent bytes: a size `docker images` shows as 198.9MB
+    (root / "diff" / "small" / "file").write_bytes(b"x" * 1024)
+    listing = run(root, "ls").stdout.splitlines()
+    assert listing[0].split() == ["big", "198.9MB"]
+    assert listing[1].split() == ["small", "1.024kB"]
+    sizes = {layer["id"]: layer["size"] for layer in json.loads(run(root, "ls", "--json").stdout)}
+    assert sizes == {"big": 198900834, "small": 1024}
+    assert run(root, "du", str(root / "diff" / "big")).stdout == "198.9MB\n"
+    assert json.loads(run(root, "du", "big", "--json").stdout)["size"] == 198900834
