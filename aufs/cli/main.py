@@ -28,6 +28,10 @@ class CommandError(AufsError):
     """A command that cannot do what was asked; the message says what to do."""
 
 
+class UsageError(CommandError):
+    """Options that do not go together: exit status 2, as argparse's own usage errors."""
+
+
 class LayerListing(NamedTuple):
     id: str
     parent: str
@@ -318,17 +322,30 @@ def command_rescue(arguments: argparse.Namespace) -> int:
 def command_fsck(arguments: argparse.Namespace) -> int:
     from aufs.images import fsck
 
+    if arguments.force and not arguments.repair:
+        raise UsageError("--force goes with --repair: aufs fsck --repair --force")
     root = os.path.abspath(arguments.root)
+    if not os.path.isdir(os.path.join(root, "layers")):
+        raise CommandError(f"{root} is no layer store (it has no layers/ dir); give the "
+                           "store with --root or AUFS_ROOT")
     if arguments.repair:
-        repaired, remaining = fsck.repair(root)
+        repaired, remaining = fsck.repair(root, force=arguments.force)
     else:
         repaired, remaining = [], fsck.check(root)
+    removed_layers = [p.subject for p in repaired if p.code == "removed-layer"]
+    removed_tags = [p.subject for p in repaired if p.code == "dangling-tag"]
     if arguments.json:
         _print_json({"repaired": [p.__dict__ for p in repaired],
-                     "problems": [p.__dict__ for p in remaining]})
+                     "problems": [p.__dict__ for p in remaining],
+                     "removed_layers": removed_layers, "removed_tags": removed_tags})
     else:
         for problem in repaired:
-            print(f"repaired {problem.code}: {problem.path}")
+            if problem.code == "removed-layer":
+                print(f"removed layer {problem.subject} ({problem.message})")
+            elif problem.code == "dangling-tag":
+                print(f"removed tag {problem.subject} ({problem.message})")
+            else:
+                print(f"repaired {problem.code}: {problem.path}")
         for problem in remaining:
             print(problem)
         if not remaining:
@@ -421,8 +438,8 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "aufs pull registry.example.com/team/app:1.2 --tag app"),
     ("push", command_push, "push a tag or top layer to a registry",
      "aufs push app registry.example.com/team/app:1.2"),
-    ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe",
-     "aufs fsck --repair"),
+    ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe, "
+     "--repair --force also removes broken layers", "aufs fsck --repair"),
     ("demo", command_demo, "import the sample image, mount, change, export, clean up",
      "aufs demo"),
 ]
@@ -495,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="upload in chunks of this many bytes (0: whole)")
     parsers["fsck"].add_argument("--repair", action="store_true",
                                  help="repair what can be repaired without losing data")
+    parsers["fsck"].add_argument("--force", action="store_true",
+                                 help="with --repair: also remove each broken layer, every "
+                                      "layer built on it and their tags (skipping any that "
+                                      "is mounted or held)")
     parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")
     parsers["rescue"].add_argument("-o", "--output", required=True, help="the OCI layout to write")
     return parser
@@ -509,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aufs: interrupted", file=sys.stderr)
         return 130
+    except UsageError as error:
+        print(f"aufs {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
     except (AufsError, OSError, ValueError) as error:
         if arguments.debug:
             raise
