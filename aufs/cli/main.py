@@ -35,9 +35,10 @@ class UsageError(CommandError):
 class LayerListing(NamedTuple):
     id: str
     parent: str
-    size: int
+    size: int | None  # None when the content is missing
     mounted: bool
     tags: tuple[str, ...]
+    broken: str = ""  # why the layer cannot be used, or ""
 
 
 def default_root() -> str:
@@ -114,13 +115,19 @@ def command_ls(arguments: argparse.Namespace) -> int:
     layers = []
     children: dict[str, list[str]] = {}
     for layer in driver.layer_ids():
-        parents = driver.parent_ids(layer)
+        broken = ""
+        try:
+            parents = driver.parent_ids(layer)
+        except AufsError:
+            parents, broken = [], "unreadable layers file"
+        try:
+            size: int | None = native.directory_size(driver.store.diff_path(layer))
+        except FileNotFoundError:
+            size, broken = None, "content missing"
         parent = parents[0] if parents else ""
         children.setdefault(parent, []).append(layer)
-        layers.append(LayerListing(layer, parent,
-                                   native.directory_size(driver.store.diff_path(layer)),
-                                   driver.is_mounted(layer),
-                                   tuple(sorted(tags_by_layer.get(layer, [])))))
+        layers.append(LayerListing(layer, parent, size, driver.is_mounted(layer),
+                                   tuple(sorted(tags_by_layer.get(layer, []))), broken))
     if arguments.json:
         _print_json([layer._asdict() for layer in layers])
         return 0
@@ -129,13 +136,20 @@ def command_ls(arguments: argparse.Namespace) -> int:
     def show(layer_id: str, depth: int) -> None:
         layer = by_id[layer_id]
         marks = " mounted" if layer.mounted else ""
+        if layer.broken:
+            marks += f" broken ({layer.broken}; see aufs fsck)"
         tags = f" [{', '.join(layer.tags)}]" if layer.tags else ""
-        print(f"{'  ' * depth}{layer_id[:16]}  {human_size(layer.size):>9}{marks}{tags}")
+        size = "-" if layer.size is None else human_size(layer.size)
+        print(f"{'  ' * depth}{layer_id[:16]}  {size:>9}{marks}{tags}")
         for child in sorted(children.get(layer_id, [])):
             show(child, depth + 1)
 
-    for base in sorted(children.get("", [])):
-        show(base, 0)
+    for parent in sorted(children):  # "" first; then chains whose parent is gone
+        if parent not in by_id:
+            if parent:
+                print(f"(missing layer {parent[:16]}; see aufs fsck)")
+            for base in sorted(children[parent]):
+                show(base, 1 if parent else 0)
     if not layers:
         print(f"no layers in {driver.root}; add some with `aufs import`")
     return 0

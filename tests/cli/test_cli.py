@@ -355,3 +355,37 @@ def test_sizes_are_human_and_json_keeps_bytes(tmp_path: Path) -> None:
     assert sizes == {"big": 198900834, "small": 1024}
     assert run(root, "du", str(root / "diff" / "big")).stdout == "198.9MB\n"
     assert json.loads(run(root, "du", "big", "--json").stdout)["size"] == 198900834
+
+
+def test_fsck_repair_force_removes_a_broken_chain_and_its_tags(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    tops = {image["name"]: image["top"]
+            for image in json.loads(run(root, "import", str(OCI), "--json").stdout)}
+    layers = {layer["id"]: layer for layer in json.loads(run(root, "ls", "--json").stdout)}
+    insert_parent = layers[tops["insert"]]["parent"]
+    mounted = run(root, "mount", "insert").stdout.strip()  # insert builds on v2 too
+    shutil.rmtree(root / "diff" / tops["v2"])  # latest and insert build on it
+
+    kept = run(root, "fsck", "--repair", check=False)
+    assert kept.returncode == 1 and "removed" not in kept.stdout
+    assert "--force" in kept.stdout
+    assert len(json.loads(run(root, "ls", "--json").stdout)) == 5
+    assert run(root, "fsck", "--force", check=False).returncode == 2  # it needs --repair
+
+    first = run(root, "fsck", "--repair", "--force", check=False)
+    assert first.returncode == 1  # insert is mounted: it and what it builds on stay
+    assert first.stdout.splitlines()[:2] == [
+        f"removed layer {tops['latest']} (built on broken layer {tops['v2']})",
+        f"removed tag latest (tag 'latest' names missing layer {tops['latest'][:12]})"]
+    in_use = [line for line in first.stdout.splitlines() if "broken-layer-in-use" in line]
+    assert len(in_use) == 3 and f"{tops['insert']}: mounted" in "".join(in_use)
+    assert aufs.is_mountpoint(mounted)
+
+    run(root, "umount", "insert")
+    second = json.loads(run(root, "fsck", "--repair", "--force", "--json").stdout)
+    assert second["removed_layers"] == [tops["insert"], insert_parent, tops["v2"]]
+    assert sorted(second["removed_tags"]) == ["insert", "v2"]
+    assert second["problems"] == []
+    assert run(root, "fsck").stdout.strip().endswith(": clean")
+    left = json.loads(run(root, "ls", "--json").stdout)
+    assert [(layer["id"], layer["tags"]) for layer in left] == [(tops["base"], ["base"])]
