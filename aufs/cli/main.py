@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
@@ -210,10 +211,20 @@ def _output(path: str) -> Iterator[BinaryIO]:
     if path == "-":
         yield sys.stdout.buffer
         return
+    if os.path.isdir(path):
+        raise CommandError(f"{path} is a directory; give a file name, or - for stdout")
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "wb") as handle:  # a device or a pipe: write into it, never replace it
+            yield handle
+        return
     temporary = path + ".partial"
-    with open(temporary, "wb") as handle:
-        yield handle
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def command_diff(arguments: argparse.Namespace) -> int:
@@ -547,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"aufs {arguments.command}: error: {error}", file=sys.stderr)
         return 2
-    except (AufsError, OSError, ValueError) as error:
+    except Exception as error:  # one line, whatever it is; --debug shows the traceback
         if arguments.debug:
             raise
         print(f"aufs: error: {_one_line(error)}", file=sys.stderr)
@@ -555,10 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
+    text = " ".join((str(error) or type(error).__name__).split())
     if isinstance(error, PermissionError) and os.geteuid() != 0:
-        return f"{error} (mounting and most store changes need root)"
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())
+        return f"{text} (mounting and most store changes need root)"
+    if isinstance(error, (AufsError, OSError, ValueError)):
+        return text
+    if isinstance(error, (zlib.error, EOFError)) or type(error).__name__ == "ZstdError":
+        return f"corrupt compressed data ({text}): the image is damaged; fetch it again"
+    return (f"internal error: {type(error).__name__}: {text} (run again with --debug for "
+            "the traceback, and report it)")
 
 
 if __name__ == "__main__":
