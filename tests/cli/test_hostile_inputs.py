@@ -1,7 +1,7 @@
 """Every `aufs` command, found in the parser itself so that a new one is covered at once, fed
-hostile or missing inputs: missing paths, garbage files, bad ids, a corrupt image, roots that
-are no store. Each must fail with one clear line on stderr and a non-zero status, and no
-traceback may reach stderr without --debug."""
+hostile or missing inputs: missing paths, garbage files, bad ids, a corrupt image (in an OCI
+layout and behind a registry), roots that are no store. Each must fail with one clear line on
+stderr and a non-zero status, and no traceback may reach stderr without --debug."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registries import FakeRegistry
 
 from aufs.cli import main as cli
 from aufs.cli.samples import shipped_sample_path
 from conftest import FIXTURES, IS_ROOT
+from dockerroot import build_docker_root
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="the CLI mounts layers: it needs root")
 
@@ -58,6 +60,11 @@ class Inputs:
         self.truncated = corrupt_layout(base / "truncated-oci", truncate=True)
         self.device = base / "null-device"  # ours: if a command replaced it, only it is lost
         os.mknod(self.device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        self.docker_root = build_docker_root(base / "docker")
+        self.registry = FakeRegistry()  # serves the corrupt layout: a blob damaged at rest
+        self.registry.load_layout(self.corrupt, "latest")
+        self.registry.manifests["garbage"] = (self.garbage.read_bytes(),
+                                              "application/vnd.oci.image.manifest.v1+json")
         self.store = base / "store"
         imported = cli_json(self.store, "import", shipped_sample_path())
         self.tag = imported[0]["name"]
@@ -71,14 +78,17 @@ class Inputs:
         return ["", "nope", "../../etc", "x" * 300, "a:b@sha256:zz",
                 "/nonexistent/path", str(self.garbage), str(self.empty_dir),
                 f"{self.corrupt}:latest", f"{self.truncated}:latest",
-                "localhost:1/team/app:1.0", str(self.device)]
+                "localhost:1/team/app:1.0", str(self.device),
+                f"{self.registry.address}/team/app:latest",
+                f"{self.registry.address}/team/app:garbage",
+                f"{self.registry.address}/team/app:missing"]
 
     def good(self, action: argparse.Action) -> str:
         """A value that lets the command get past this argument."""
         if action.choices:
             return str(next(iter(action.choices)))
         good = {"source": shipped_sample_path(), "ref": self.tag, "layer": self.layer,
-                "file": str(self.tar), "target": self.tag, "docker_root": str(self.empty_dir),
+                "file": str(self.tar), "target": self.tag, "docker_root": str(self.docker_root),
                 "reference": "localhost:1/team/app:1.0",
                 "destination": "localhost:1/team/app:1.0",
                 "output": str(self.base / "out" / "result")}
@@ -114,7 +124,9 @@ def cli_json(root: Path, *arguments: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inputs]:
-    yield Inputs(tmp_path_factory.mktemp("hostile"))
+    made = Inputs(tmp_path_factory.mktemp("hostile"))
+    yield made
+    made.registry.close()
 
 
 def fresh_store(inputs: Inputs, into: Path) -> Path:
