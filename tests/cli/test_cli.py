@@ -364,28 +364,32 @@ def test_fsck_repair_force_removes_a_broken_chain_and_its_tags(tmp_path: Path) -
     layers = {layer["id"]: layer for layer in json.loads(run(root, "ls", "--json").stdout)}
     insert_parent = layers[tops["insert"]]["parent"]
     mounted = run(root, "mount", "insert").stdout.strip()  # insert builds on v2 too
-    shutil.rmtree(root / "diff" / tops["v2"])  # latest and insert build on it
+    try:
+        shutil.rmtree(root / "diff" / tops["v2"])  # latest and insert build on it
 
-    kept = run(root, "fsck", "--repair", check=False)
-    assert kept.returncode == 1 and "removed" not in kept.stdout
-    assert "--force" in kept.stdout
-    assert len(json.loads(run(root, "ls", "--json").stdout)) == 5
-    assert run(root, "fsck", "--force", check=False).returncode == 2  # it needs --repair
+        kept = run(root, "fsck", "--repair", check=False)
+        assert kept.returncode == 1 and "removed" not in kept.stdout
+        assert "--force" in kept.stdout
+        assert len(json.loads(run(root, "ls", "--json").stdout)) == 5
+        assert run(root, "fsck", "--force", check=False).returncode == 2  # it needs --repair
 
-    first = run(root, "fsck", "--repair", "--force", check=False)
-    assert first.returncode == 1  # insert is mounted: it and what it builds on stay
-    assert first.stdout.splitlines()[:2] == [
-        f"removed layer {tops['latest']} (built on broken layer {tops['v2']})",
-        f"removed tag latest (tag 'latest' names missing layer {tops['latest'][:12]})"]
-    in_use = [line for line in first.stdout.splitlines() if "broken-layer-in-use" in line]
-    assert len(in_use) == 3 and f"{tops['insert']}: mounted" in "".join(in_use)
-    assert aufs.is_mountpoint(mounted)
+        first = run(root, "fsck", "--repair", "--force", check=False)
+        assert first.returncode == 1  # insert is mounted: it and what it builds on stay
+        assert first.stdout.splitlines()[:2] == [
+            f"removed layer {tops['latest']} (built on broken layer {tops['v2']})",
+            f"removed tag latest (tag 'latest' names missing layer {tops['latest'][:12]})"]
+        in_use = [line for line in first.stdout.splitlines() if "broken-layer-in-use" in line]
+        assert len(in_use) == 3 and f"{tops['insert']}: mounted" in "".join(in_use)
+        assert aufs.is_mountpoint(mounted)
 
-    run(root, "umount", "insert")
-    second = json.loads(run(root, "fsck", "--repair", "--force", "--json").stdout)
-    assert second["removed_layers"] == [tops["insert"], insert_parent, tops["v2"]]
-    assert sorted(second["removed_tags"]) == ["insert", "v2"]
-    assert second["problems"] == []
-    assert run(root, "fsck").stdout.strip().endswith(": clean")
+        run(root, "umount", "insert")
+        second = json.loads(run(root, "fsck", "--repair", "--force", "--json").stdout)
+        assert second["removed_layers"] == [tops["insert"], insert_parent, tops["v2"]]
+        assert sorted(second["removed_tags"]) == ["insert", "v2"]
+        assert second["problems"] == []
+        assert run(root, "fsck").stdout.strip().endswith(": clean")
+    finally:
+        if os.path.exists(mounted) and aufs.is_mountpoint(mounted):  # never leave it mounted
+            aufs.unmount(mounted, 2)
     left = json.loads(run(root, "ls", "--json").stdout)
     assert [(layer["id"], layer["tags"]) for layer in left] == [(tops["base"], ["base"])]
