@@ -551,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.WARNING,
                         format="aufs: %(levelname)s: %(message)s")
     try:
+        _check_output(getattr(arguments, "output", None))
         return int(arguments.handler(arguments))
     except KeyboardInterrupt:
         print("aufs: interrupted", file=sys.stderr)
@@ -563,6 +564,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"aufs: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _check_output(path: str | None) -> None:
+    """-o names something we can write: said before any work, in words, not as the errno of
+    a temporary file."""
+    if path is None or path == "-":
+        return
+    if not path:
+        raise UsageError("-o needs a path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandError(f"cannot write {path}: {parent} is not a directory")
 
 
 def _one_line(error: BaseException) -> str:

@@ -370,7 +370,11 @@ def test_fsck_repair_force_removes_a_broken_chain_and_its_tags(tmp_path: Path) -
         kept = run(root, "fsck", "--repair", check=False)
         assert kept.returncode == 1 and "removed" not in kept.stdout
         assert "--force" in kept.stdout
-        assert len(json.loads(run(root, "ls", "--json").stdout)) == 5
+        listed = {layer["id"]: layer for layer in json.loads(run(root, "ls", "--json").stdout)}
+        assert len(listed) == 5
+        assert listed[tops["v2"]]["size"] is None
+        assert listed[tops["v2"]]["broken"] == "content missing"
+        assert "- broken (content missing; see aufs fsck) [v2]" in run(root, "ls").stdout
         assert run(root, "fsck", "--force", check=False).returncode == 2  # it needs --repair
 
         first = run(root, "fsck", "--repair", "--force", check=False)
