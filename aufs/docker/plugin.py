@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aufs.docker.pluginhttp import PluginCall, PluginReply, PluginServer
+from aufs.docker.pluginhttp import PluginCall, PluginProtocolError, PluginReply, PluginServer
 from aufs.errors import (
     AufsError,
     InvalidLayerIDError,
@@ -143,6 +143,8 @@ class GraphDriverPlugin:
                 return PluginReply(404, {"Err": f"{call.method}: no such call; this plugin "
                                                 f"implements {', '.join(IMPLEMENTS)}"})
             return PluginReply(200, handler(call))
+        except PluginProtocolError:
+            raise  # the transport answers 400: the request itself is broken
         except (AufsError, OSError, ValueError) as error:
             message = " ".join((str(error) or type(error).__name__).split())
             log.info("%s failed: %s", call.method, message)

@@ -171,7 +171,7 @@ class PluginRequestHandler(http.server.BaseHTTPRequestHandler):
         except Exception as error:  # the application answers errors itself; this is a bug
             log.exception("%s failed", method)
             reply = PluginReply(500, {"Err": f"{method}: {type(error).__name__}: {error}"})
-        if not raw.finished:
+        if not raw.finished and not _drain(raw, JSON_BODY_LIMIT):
             self.close_connection = True  # the rest of the body is still on the wire
         if reply.stream is None:
             self._send_json(reply.status, reply.payload)
@@ -195,6 +195,8 @@ class PluginRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -232,6 +234,18 @@ class PluginRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)  # a unix socket has no client address to show
+
+
+def _drain(body: _BodyReader, limit: int) -> bool:
+    """Reads what the application left of a small body, so that the connection can serve
+    the next call; False when the body is bigger than limit or broken."""
+    buffer = bytearray(65536)
+    try:
+        while limit > 0 and body.readinto(buffer):
+            limit -= len(buffer)
+    except PluginProtocolError:
+        return False
+    return body.finished
 
 
 class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
