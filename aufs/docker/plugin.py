@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,7 @@ class GraphDriverPlugin:
 
     def __call__(self, call: PluginCall) -> PluginReply:
         log.debug("call %s %s", call.method, dict(call.query) or "")
+        started = time.perf_counter()
         try:
             if call.method == "GraphDriver.Diff":
                 return PluginReply(stream=self._diff(call))
@@ -149,6 +151,8 @@ class GraphDriverPlugin:
             message = " ".join((str(error) or type(error).__name__).split())
             log.info("%s failed: %s", call.method, message)
             return PluginReply(500, {"Err": message})
+        finally:
+            log.debug("%s answered in %.3f s", call.method, time.perf_counter() - started)
 
     # ---- the driver -----------------------------------------------------------------------
 

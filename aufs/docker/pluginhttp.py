@@ -123,35 +123,43 @@ class ChunkedBodyReader(_BodyReader):
         return line
 
     def readinto(self, buffer: Any) -> int:
-        if self.finished:
-            return 0
-        if self._left == 0:
-            header = self._line().split(b";", 1)[0].strip()
-            try:
-                self._left = int(header, 16)
-            except ValueError:
-                raise PluginProtocolError(f"bad chunk size {header[:20]!r}") from None
-            if self._left < 0:
-                raise PluginProtocolError(f"bad chunk size {header[:20]!r}")
+        # Go's client sends a layer in chunks as small as one 512-byte tar header: fill the
+        # caller's buffer from as many chunks as it takes (the sender never waits for us).
+        view = memoryview(buffer)
+        filled = 0
+        while filled < len(view) and not self.finished:
             if self._left == 0:
-                while self._line().strip():  # trailer fields, then the empty line
-                    pass
-                self.finished = True
-                return 0
-        view = memoryview(buffer)[: min(len(buffer), self._left)]
-        count = self._source.readinto(view)  # type: ignore[attr-defined]
-        if not count:
-            raise PluginProtocolError("the chunked request body ends inside a chunk")
-        self._left -= count
-        if self._left == 0 and self._source.read(2).strip():
-            raise PluginProtocolError("a chunk does not end with CRLF")
-        return int(count)
+                self._next_chunk()
+                continue
+            count = self._source.readinto(  # type: ignore[attr-defined]
+                view[filled: filled + min(len(view) - filled, self._left)])
+            if not count:
+                raise PluginProtocolError("the chunked request body ends inside a chunk")
+            filled += count
+            self._left -= count
+            if self._left == 0 and self._source.read(2).strip():
+                raise PluginProtocolError("a chunk does not end with CRLF")
+        return filled
+
+    def _next_chunk(self) -> None:
+        header = self._line().split(b";", 1)[0].strip()
+        try:
+            self._left = int(header, 16)
+        except ValueError:
+            raise PluginProtocolError(f"bad chunk size {header[:20]!r}") from None
+        if self._left < 0:
+            raise PluginProtocolError(f"bad chunk size {header[:20]!r}")
+        if self._left == 0:
+            while self._line().strip():  # trailer fields, then the empty line
+                pass
+            self.finished = True
 
 
 class PluginRequestHandler(http.server.BaseHTTPRequestHandler):
     """Turns each POST into a PluginCall for the server's application."""
 
     protocol_version = "HTTP/1.1"
+    rbufsize = STREAM_CHUNK  # Go writes a layer in small chunks: read the socket in big gulps
     server: PluginServer
 
     def do_POST(self) -> None:
