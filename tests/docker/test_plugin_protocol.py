@@ -278,3 +278,33 @@ def test_sigterm_unmounts_and_removes_the_socket(harness: Harness, scratch: Path
     assert not path.exists()
     assert not harness.is_mounted(mounted)
     assert (scratch / "store" / "layers" / CHILD).exists()
+
+
+def test_a_body_in_tiny_chunks_with_extensions_and_trailers(client: Client,
+                                                            scratch: Path) -> None:
+    """Go's client writes a layer as it reads it: a chunk per 512-byte tar header."""
+    client.call("GraphDriver.Create", {"ID": BASE})
+    body = b"".join(b"%x;note=1\r\n" % len(LAYER_TAR[i:i + 512]) + LAYER_TAR[i:i + 512] + b"\r\n"
+                    for i in range(0, len(LAYER_TAR), 512)) + b"0\r\nX-Trailer: 1\r\n\r\n"
+    client.connection.putrequest("POST", f"/GraphDriver.ApplyDiff?id={BASE}&parent=")
+    client.connection.putheader("Transfer-Encoding", "chunked")
+    client.connection.endheaders(body)
+    response = client.connection.getresponse()
+    assert response.status == 200, response.read()
+    assert json.loads(response.read())["Size"] == (3 << 20) + 15
+    assert (scratch / "home" / "diff" / BASE / "etc" / "hosts").read_bytes() == b"127.0.0.1 here\n"
+    assert client.call("GraphDriver.Exists", {"ID": BASE}) == {"Exists": True}  # same connection
+
+
+@pytest.mark.parametrize(("arguments", "root"), [
+    (["docker-plugin", "--name", "n"], None),
+    (["docker-plugin", "--name", "n", "--root", "/given"], "/given"),
+    (["--root", "/given", "docker-plugin", "--name", "n"], "/given"),
+])
+def test_without_root_the_store_is_dockers_home(arguments: list[str], root: str | None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from aufs.cli.docker_plugin import explicit_root
+    from aufs.cli.main import build_parser
+
+    monkeypatch.delenv("AUFS_ROOT", raising=False)
+    assert explicit_root(build_parser().parse_args(arguments)) == root
