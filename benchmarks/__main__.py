@@ -7,6 +7,7 @@
     python -m benchmarks layers           # apply_diff and diff vs GNU tar -x and tar -c
     python -m benchmarks imports          # aufs import vs gzip|tar, umoci unpack
     python -m benchmarks pulls            # aufs pull vs skopeo copy + umoci unpack
+    python -m benchmarks dockerload       # docker load via our plugin vs dockerd's overlay2
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 import aufs
 
-SUITES = ["dirsize", "mountdata", "mount", "layers", "imports", "pulls"]
+SUITES = ["dirsize", "mountdata", "mount", "layers", "imports", "pulls", "dockerload"]
 
 
 def main() -> None:

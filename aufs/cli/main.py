@@ -430,6 +430,12 @@ def command_push(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_docker_plugin(arguments: argparse.Namespace) -> int:
+    from aufs.cli.docker_plugin import command_docker_plugin
+
+    return command_docker_plugin(arguments)
+
+
 def command_demo(arguments: argparse.Namespace) -> int:
     from aufs.cli.demo import run_demo
 
@@ -465,9 +471,20 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "aufs push app registry.example.com/team/app:1.2"),
     ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe, "
      "--repair --force also removes broken layers", "aufs fsck --repair"),
+    ("docker-plugin", command_docker_plugin, "serve Docker's graphdriver plugin protocol",
+     "aufs docker-plugin --name aufs & dockerd --experimental --storage-driver aufs"),
     ("demo", command_demo, "import the sample image, mount, change, export, clean up",
      "aufs demo"),
 ]
+
+
+class _RootOption(argparse.Action):
+    """Stores --root and notes that it was given (docker-plugin otherwise uses Docker's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        namespace.root = values
+        namespace.root_given = True
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -478,7 +495,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         return value if defaults else argparse.SUPPRESS
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=default(default_root()),
+    common.add_argument("--root", default=default(default_root()), action=_RootOption,
                         help="the store (default: $AUFS_ROOT, /var/lib/aufs as root, else "
                              "~/.local/share/aufs)")
     common.add_argument("--backend", default=default("auto"), choices=["auto", *BACKENDS],
@@ -541,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="with --repair: also remove each broken layer, every "
                                       "layer built on it and their tags (skipping any that "
                                       "is mounted or held)")
+    from aufs.cli.docker_plugin import add_arguments as docker_plugin_arguments
+
+    docker_plugin_arguments(parsers["docker-plugin"])
     parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")
     parsers["rescue"].add_argument("-o", "--output", required=True, help="the OCI layout to write")
     return parser
