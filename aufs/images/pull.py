@@ -27,6 +27,7 @@ from aufs.store.driver import Driver
 
 log = logging.getLogger(__name__)
 
+PULL_ADVICE = "the registry served damaged data: pull again, or tell the registry's owner"
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 
@@ -179,8 +180,7 @@ def pull(driver: Driver, catalog: Catalog, reference: str, tag: str | None = Non
                     blob = LayerBlob(diff_ids[index], descriptors[index]["digest"],
                                      descriptors[index].get("size"), spool.reader)
                     add_layer(driver, layer, layers[index - 1] if index else "", blob,
-                              f"layer {index + 1} ({descriptors[index]['digest'][:19]})",
-                              progress)
+                              f"layer {index + 1}/{len(layers)}", progress, PULL_ADVICE)
                     created.append(layer)
                     os.unlink(spool.path)  # applied: its disk space goes back now
                 if progress is not None:
