@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 from registries import FakeRegistry
-from tarbuild import archive, directory, member
 
 import aufs
 from aufs.archive.reader import TarReader
 from aufs.images.compression import DecompressingReader
 from conftest import IS_ROOT
+from tarbuild import archive, directory, member
 
 pytestmark = [
     pytest.mark.skipif(not IS_ROOT, reason="importing layers with their owners needs root"),
@@ -251,7 +251,7 @@ def test_reading_a_closed_decompressing_reader_never_blocks() -> None:
         try:
             stream.drain()
             outcome.append(None)
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=drain, daemon=True)
