@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,12 +26,14 @@ import zlib
 from pathlib import Path
 
 import pytest
-from registries import FakeRegistry
+from registries import FakeRegistry, real_registry
 
 import aufs
 from aufs.archive.reader import TarReader
+from aufs.images import Catalog, import_images
 from aufs.images.compression import DecompressingReader
-from conftest import IS_ROOT
+from aufs.images.push import push
+from conftest import FIXTURES, IS_ROOT
 from tarbuild import archive, directory, member
 
 pytestmark = [
@@ -311,3 +314,35 @@ def test_a_gzip_bomb_imports_in_bounded_memory(scratch: Path) -> None:
     store = aufs.Driver(scratch / "root", backend="overlay")
     (layer,) = store.layer_ids()
     assert os.path.getsize(Path(store.store.diff_path(layer)) / "zeros") == 1 << 30
+
+
+@pytest.mark.skipif(shutil.which("docker-registry") is None,
+                    reason="docker-registry is not installed (apt-get install docker-registry)")
+def test_a_blob_damaged_in_a_real_registry(scratch: Path) -> None:
+    """Distribution serves what its storage holds: flip a byte of a stored layer blob, and
+    the pull says so in one line and stores nothing."""
+    source = aufs.Driver(scratch / "source", backend="overlay")
+    catalog = Catalog(source.store)
+    import_images(source, catalog, f"{FIXTURES / 'oci-sample'}:base", tag="base")
+    with real_registry(scratch / "registry") as registry:
+        pushed = push(source, catalog, "base", f"{registry}/peers/sample:base")
+        layer = next(digest for digest in pushed.uploaded
+                     if digest_is_layer(scratch / "registry", digest))
+        data = blob_file(scratch / "registry", layer)
+        damaged = bytearray(data.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        data.write_bytes(bytes(damaged))
+        root = scratch / "root"
+        line = assert_one_line(run(root, "pull", f"{registry}/peers/sample:base"), layer)
+    assert f"sha256 mismatch: expected {layer}" in line
+    assert_nothing_stored(root)
+
+
+def blob_file(registry: Path, digest: str) -> Path:
+    hex_part = digest[7:]
+    return (registry / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" /
+            hex_part[:2] / hex_part / "data")
+
+
+def digest_is_layer(registry: Path, digest: str) -> bool:
+    return blob_file(registry, digest).read_bytes()[:2] == b"\x1f\x8b"  # gzip: not the config
