@@ -144,6 +144,17 @@ def retry_after(value: str, attempt: int) -> float:
     return float(min(max(wait, 0.0), MAX_RETRY_WAIT))
 
 
+def _origin(scheme: str, netloc: str) -> tuple[str, int | None]:
+    """Host and port, the scheme's default port made explicit ("reg" is "reg:443")."""
+    parts = urllib.parse.urlsplit(f"//{netloc}")
+    try:
+        port = parts.port
+    except ValueError:
+        return (netloc, None)
+    default = {"https": 443, "http": 80}.get(scheme)
+    return ((parts.hostname or "").lower(), port if port is not None else default)
+
+
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
@@ -236,8 +247,10 @@ class RegistryClient:
         """Credentials (Basic, or the registry's token) go to the registry itself only: the
         same host and port, and never from https down to plain http."""
         parts = urllib.parse.urlsplit(url)
-        return parts.netloc == self.reference.registry and not (
-            self.scheme == "https" and parts.scheme != "https")
+        if self.scheme == "https" and parts.scheme != "https":
+            return False
+        return _origin(parts.scheme, parts.netloc) == _origin(self.scheme,
+                                                               self.reference.registry)
 
     def _authenticate(self, challenge: str, scope: str) -> bool:
         """Answers a 401 challenge; False when there is nothing more to try."""
