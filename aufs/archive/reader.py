@@ -54,7 +54,7 @@ class TarReader:
         """Reads more; False when the stream is at its end and nothing is buffered."""
         if self._start == self._end:
             self._start = self._end = 0
-        elif self._start > len(self._buffer) // 2:
+        elif self._start > len(self._buffer) // 2 or self._end == len(self._buffer):
             self._compact()
         self._fill_once()
         return self._start < self._end
@@ -119,8 +119,8 @@ class TarReader:
 
     def _fill_once(self) -> bool:
         """One read into the free tail of the buffer; False at the end of the stream."""
-        if self._eof:
-            return False
+        if self._eof or self._end == len(self._buffer):
+            return False  # a full buffer is not the end of the stream
         count = self._stream.readinto(self._view[self._end:])  # type: ignore[attr-defined]
         if not count:
             self._eof = True
