@@ -95,8 +95,15 @@ def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, wh
     parse_digest(blob.diff_id)
     counter = (lambda count: progress("bytes", count)) if progress is not None else None
     with blob.open() as raw, DecompressingReader(raw, counter) as stream:
-        driver.apply_diff(layer, parent, buffered(stream))
+        # the tar-split is kept under the diff_id checked below; a layer whose check fails
+        # is removed with its record
+        driver.apply_diff(layer, parent, buffered(stream), record=blob.diff_id)
         stream.drain()
     if blob.digest is not None:
         verify_digest(stream.stored_hash, blob.digest, f"{what} blob")
     verify_digest(stream.content_hash, blob.diff_id, f"{what} content (diff_id)")
+    if blob.digest is not None and isinstance(blob.size, int) and blob.media_type:
+        # push offers this blob again when the registry has it or can mount it
+        driver.store.write_record_source(layer, {
+            "digest": blob.digest, "size": blob.size, "mediaType": blob.media_type,
+            "repository": blob.repository})

@@ -177,7 +177,9 @@ def pull(driver: Driver, catalog: Catalog, reference: str, tag: str | None = Non
                 if index in spools:
                     spool = spools[index]
                     blob = LayerBlob(diff_ids[index], descriptors[index]["digest"],
-                                     descriptors[index].get("size"), spool.reader)
+                                     descriptors[index].get("size"), spool.reader,
+                                     descriptors[index].get("mediaType"),
+                                     f"{ref.registry}/{ref.repository}")
                     add_layer(driver, layer, layers[index - 1] if index else "", blob,
                               f"layer {index + 1} ({descriptors[index]['digest'][:19]})",
                               progress)
@@ -190,6 +192,7 @@ def pull(driver: Driver, catalog: Catalog, reference: str, tag: str | None = Non
                 spool.abandon()
             raise
     config_digest = catalog.save_config(config)
+    catalog.save_manifest(config_digest, manifest_bytes)
     name = tag or f"{ref.registry}/{ref.repository}:{ref.tag or 'latest'}"
     catalog.set_tag(name, layers[-1], config_digest)
     log.info("pulled %s: %d layers, %d fetched", ref, len(layers), len(created))

@@ -24,7 +24,7 @@ from aufs.archive.tarsplit import (
 )
 from aufs.errors import DiffError
 from aufs.store.diffs import FileGetter
-from tests.tarbuild import archive, directory, member
+from tarbuild import archive, directory, member
 
 
 def test_crc64_iso_matches_go(impl: ModuleType) -> None:
