@@ -71,10 +71,10 @@ class LayerFile:
 
 
 def layer_files(driver: Driver, chain: list[str], work: str, compression: str | None,
-                progress: Progress | None = None) -> list[LayerFile]:
-    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar."""
+                progress: Progress | None = None, parent: str = "") -> list[LayerFile]:
+    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar.
+    parent is the first layer's parent."""
     files = []
-    parent = ""
     for layer in chain:
         raw_path = os.path.join(work, f"{layer}.tar")
         with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:
