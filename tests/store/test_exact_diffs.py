@@ -119,3 +119,26 @@ def test_the_record_follows_the_layer(driver: aufs.Driver) -> None:
     assert driver.store.read_record("final") is None
     driver.remove("final")
     assert not os.path.exists(driver.store.record_path("final"))
+
+
+def test_fsck_checks_each_record(driver: aufs.Driver) -> None:
+    from aufs.store import fsck
+
+    for name in ("good", "changed", "corrupt", "gone"):
+        driver.create(name)
+        driver.apply_diff(name, "", io.BytesIO(odd_archive()), record=True)
+    assert fsck.check(driver.root) == []
+    with open(os.path.join(driver.store.diff_path("changed"), "zeta"), "r+b") as handle:
+        handle.write(b"L")
+    with open(os.path.join(driver.store.record_path("corrupt"), "tar-split.json.gz"),
+              "wb") as handle:
+        handle.write(b"\x1f\x8b not really gzip")
+    os.unlink(os.path.join(driver.store.diff_path("gone"), "usr", "lib", "x" * 150))
+    os.makedirs(driver.store.record_path("no-such-layer"))
+    problems = {(os.path.basename(p.path), p.code) for p in fsck.check(driver.root)}
+    assert problems == {("changed", "tar-split-mismatch"), ("corrupt", "bad-tar-split"),
+                        ("gone", "tar-split-mismatch"), ("no-such-layer", "orphan-dir")}
+    repaired, remaining = fsck.repair(driver.root)
+    assert len(repaired) == 4 and remaining == []
+    assert driver.store.read_record("good") is not None
+    assert driver.store.read_record("changed") is None
