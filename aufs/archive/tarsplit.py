@@ -21,6 +21,8 @@ import binascii
 import hashlib
 import json
 import os
+import queue
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, NamedTuple, Protocol
@@ -38,6 +40,16 @@ MAX_ENTRY_RAW = 4 << 20
 MAX_TOTAL_RAW = 256 << 20
 _BATCH = 256 << 10  # JSON bytes compressed at a time
 _COPY = 1 << 20
+_json_string = json.encoder.encode_basestring_ascii
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether the archive's bytes for this name (decoded with surrogateescape) are UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TarSplitError(AufsError, ValueError):
@@ -169,14 +181,17 @@ class TarSplitRecorder:
         self.raw_bytes = 0  # kept so far, in all
         self.unusable: str | None = None  # why this archive cannot be replayed, if so
         self._pending = bytearray()
-        self._file: tuple[bytes, int] | None = None
+        self._file: tuple[str, int] | None = None
         self._crc = 0
         self._position = 0
-        self._names: set[bytes] = set()
+        self._names: set[str] = set()
         self._lines: list[bytes] = []
         self._line_bytes = 0
+        # gzip runs on a thread of its own (zlib lets go of the GIL), beside the unpacking
         self._compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip container
         self._compressed: list[bytes] = []
+        self._batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._compressing: threading.Thread | None = None
         self._hash = hashlib.sha256() if hash_stream else None
         self._finished: bytes | None = None
 
@@ -199,51 +214,66 @@ class TarSplitRecorder:
     def begin_file(self, header: TarHeader) -> None:
         self.end_file()
         self._flush_segment()
-        name = os.fsencode(header.name)
+        name = header.name
         if header.sparse is not None and self.unusable is None:
-            self.unusable = f"{header.name!r} is a sparse file"
-        key = name.strip(b"/").removeprefix(b"./")
+            self.unusable = f"{name!r} is a sparse file"
+        key = name.strip("/").removeprefix("./")
         if key in self._names and self.unusable is None:
-            self.unusable = f"{header.name!r} is in the archive twice"
+            self.unusable = f"{name!r} is in the archive twice"
         self._names.add(key)
         self._file = (name, header.size)
         self._crc = 0
 
     def end_file(self) -> None:
+        # lines are formatted here, not by json.dumps: this runs once per member while a
+        # layer is applied, and its cost is the recording's cost
         if self._file is None:
             return
         name, size = self._file
         self._file = None
-        entry: dict[str, object] = {"type": FILE_ENTRY}
-        try:
-            entry["name"] = name.decode("utf-8")
-        except UnicodeDecodeError:
-            entry["name_raw"] = base64.b64encode(name).decode()
+        if name.isascii() or _is_utf8(name):
+            named = b'"name":' + _json_string(name).encode()
+        else:
+            named = b'"name_raw":"' + base64.b64encode(os.fsencode(name)) + b'"'
         if size:
-            entry["size"] = size
-        entry["payload"] = (base64.b64encode(self._crc.to_bytes(8, "big")).decode()
-                            if size else None)
-        self._emit(entry)
+            line = b'{"type":1,%s,"size":%d,"payload":"%s","position":%d}\n' % (
+                named, size, base64.b64encode(self._crc.to_bytes(8, "big")), self._position)
+        else:
+            line = b'{"type":1,%s,"payload":null,"position":%d}\n' % (named, self._position)
+        self._emit(line)
 
     def _flush_segment(self) -> None:
         if self._pending:
-            self._emit({"type": SEGMENT_ENTRY,
-                        "payload": base64.b64encode(self._pending).decode()})
+            self._emit(b'{"type":2,"payload":"%s","position":%d}\n' % (
+                base64.b64encode(self._pending), self._position))
             self._pending.clear()
 
-    def _emit(self, entry: dict[str, object]) -> None:
-        entry["position"] = self._position
+    def _emit(self, line: bytes) -> None:
         self._position += 1
-        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
         self._lines.append(line)
         self._line_bytes += len(line)
         if self._line_bytes >= _BATCH:
             self._compress()
 
     def _compress(self) -> None:
-        self._compressed.append(self._compressor.compress(b"".join(self._lines)))
+        if self._compressing is None:
+            self._compressing = threading.Thread(target=self._compress_batches,
+                                                 name="aufs-tar-split", daemon=True)
+            self._compressing.start()
+        self._batches.put(b"".join(self._lines))
         self._lines.clear()
         self._line_bytes = 0
+
+    def _compress_batches(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            self._compressed.append(self._compressor.compress(batch))
+
+    def close(self) -> None:
+        """Stops the compressing thread (finish does it too)."""
+        if self._compressing is not None:
+            self._batches.put(None)
+            self._compressing.join()
+            self._compressing = None
 
     def finish(self) -> bytes:
         """The tar-split file's content (gzip); call once the archive is read to its end."""
@@ -251,6 +281,7 @@ class TarSplitRecorder:
             self.end_file()
             self._flush_segment()
             self._compress()
+            self.close()
             self._compressed.append(self._compressor.flush())
             self._finished = b"".join(self._compressed)
             self._compressed.clear()

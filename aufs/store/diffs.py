@@ -312,21 +312,25 @@ class LayerDiffs:
             log.info("layer %s: not recording its tar-split (only an empty layer applied "
                      "against its own parent reproduces its tar)", layer_id[:12])
         self.store.remove_record(layer_id)  # the content changes: an old record is wrong
-        with self.store.staging("apply") as staging:
-            tree = os.path.join(staging, "tree")
-            clone_tree(self.store.diff_path(layer_id), tree)
-            if fast:
-                mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
-                        else WhiteoutMode.LITERAL)
-                extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices,
-                                                     tar_split=recorder))
-                size = None
-            else:
-                size = self._apply_through_union(layer_id, staging, tree, stream,
-                                                 allow_devices)
-            with self.locks.root.hold():
-                exchange(tree, self.store.diff_path(layer_id))
-            remove_tree(tree)
+        try:
+            with self.store.staging("apply") as staging:
+                tree = os.path.join(staging, "tree")
+                clone_tree(self.store.diff_path(layer_id), tree)
+                if fast:
+                    mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
+                            else WhiteoutMode.LITERAL)
+                    extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices,
+                                                         tar_split=recorder))
+                    size = None
+                else:
+                    size = self._apply_through_union(layer_id, staging, tree, stream,
+                                                     allow_devices)
+                with self.locks.root.hold():
+                    exchange(tree, self.store.diff_path(layer_id))
+                remove_tree(tree)
+        finally:
+            if recorder is not None:
+                recorder.close()  # its compressing thread
         if recorder is not None:
             self._keep_record(layer_id, recorder, record)
         return size
