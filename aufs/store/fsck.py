@@ -203,7 +203,7 @@ def _check_record(store: Store, layer: str) -> Problem | None:
         record = store.read_record(layer)
         if record is None:
             return Problem("bad-tar-split", path, "a tar-split record without its diff_id",
-                           "delete it (diff then writes a fresh tar)", True)
+                           "delete it (diff then writes a fresh tar)", True, layer)
         with gzip.open(record.tar_split, "rb") as journal, \
                 FileGetter(store.diff_path(layer)) as files:
             digest = replay(read_entries(journal), files)  # type: ignore[arg-type]
@@ -214,7 +214,7 @@ def _check_record(store: Store, layer: str) -> Problem | None:
                 and not str(error.filename or "").endswith(TAR_SPLIT_FILE):
             return _mismatch(path, f"a file it names is gone ({error})")
         return Problem("bad-tar-split", path, f"unreadable: {error}",
-                       "delete it (diff then writes a fresh tar)", True)
+                       "delete it (diff then writes a fresh tar)", True, layer)
     if digest != record.diff_id:
         return _mismatch(path, f"the files rebuild {digest}, not the recorded {record.diff_id}")
     return None
@@ -223,7 +223,8 @@ def _check_record(store: Store, layer: str) -> Problem | None:
 def _mismatch(path: str, why: str) -> Problem:
     return Problem("tar-split-mismatch", path, f"the layer no longer rebuilds its original tar "
                    f"({why}); its diff is a fresh tar with another digest",
-                   "delete the record (or re-pull the image to get the original back)", True)
+                   "delete the record (or re-pull the image to get the original back)", True,
+                   os.path.basename(path))
 
 
 def repair(root: str, extra_checks: Sequence[Check] = (),
@@ -360,7 +361,7 @@ def _repair_one(store: Store, problem: Problem) -> None:
     elif problem.code == "missing-diff":
         layer = os.path.basename(problem.path)
         store.remove_layer_file(layer)
-        for path in (store.mount_path(layer), store.work_path(layer)):
+        for path in (store.mount_path(layer), store.work_path(layer), store.record_path(layer)):
             if os.path.isdir(path) and not os.path.ismount(path):
                 atomic_remove(path)
     elif problem.code in ("bad-tar-split", "tar-split-mismatch"):

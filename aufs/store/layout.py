@@ -288,8 +288,8 @@ class Store:
             _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
 
     def remove_layer_dirs(self, layer_id: str) -> None:
-        for path in (self.diff_path(layer_id), self.mount_path(layer_id),
-                     self.work_path(layer_id)):
+        for path in (self.record_path(layer_id), self.diff_path(layer_id),
+                     self.mount_path(layer_id), self.work_path(layer_id)):
             atomic_remove(path)
 
     # ---- staging and start-up cleanup -----------------------------------------------------
