@@ -36,6 +36,7 @@ else:
 IMPLEMENTATION: str = _chosen.IMPLEMENTATION
 IOQueue = _chosen.IOQueue
 aufs_mount_data = _chosen.aufs_mount_data
+crc64_iso = _chosen.crc64_iso
 directory_size = _chosen.directory_size
 finish_file = _chosen.finish_file
 fs_magic = _chosen.fs_magic
@@ -54,6 +55,7 @@ __all__ = [
     "IMPLEMENTATION",
     "IOQueue",
     "aufs_mount_data",
+    "crc64_iso",
     "directory_size",
     "finish_file",
     "fs_magic",

@@ -7,6 +7,7 @@ same shape when debootstrap cannot run here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
@@ -77,6 +78,27 @@ def main(arguments: list[str]) -> None:
                [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 1.3")],
                gnu_x)
 
+        digest = hashlib.sha256()
+        with open(layer_tar, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        diff_id = "sha256:" + digest.hexdigest()
+
+        def our_apply_recorded() -> None:  # as import and pull do: the caller hashes
+            layer = f"layer-{next(counter)}"
+            driver.create(layer)
+            with open(layer_tar, "rb") as stream:
+                driver.apply_diff(layer, "", stream, record=diff_id)
+
+        plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver)
+        report("apply a layer, recording its tar-split (ratio to apply without)",
+               [("Driver.apply_diff (peer)", plain, ""),
+                ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
+
+        driver.create("recorded")
+        with open(layer_tar, "rb") as stream:
+            driver.apply_diff("recorded", "", stream, record=diff_id)
+
         driver.create("exported")
         with open(layer_tar, "rb") as stream:
             driver.apply_diff("exported", "", stream)
@@ -94,6 +116,20 @@ def main(arguments: list[str]) -> None:
         gnu_c, ours_c = _alternating(gnu_create, our_diff, repeat, scratch)
         report("diff a layer, read through a pipe (ratio to GNU tar -c)",
                [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 1.3")], gnu_c)
+
+        def replayed_diff() -> None:
+            with driver.diff("recorded") as stream:
+                drain(stream)
+
+        def check_only() -> None:
+            assert driver.verified_diff_id("recorded") == diff_id
+
+        fresh, replayed = _alternating(our_diff, replayed_diff, repeat, scratch)
+        _, checked = _alternating(our_diff, check_only, repeat, scratch)
+        report("diff of a recorded layer: checked, then replayed (ratio to a fresh diff)",
+               [("Driver.diff, fresh tar (peer)", fresh, ""),
+                ("Driver.diff, exact (check + replay)", replayed, ""),
+                ("  of which the check (walk + hash)", checked, "")], fresh)
         driver.cleanup()
 
 

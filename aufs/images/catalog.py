@@ -64,6 +64,24 @@ class Catalog:
             atomic_write(path, config, temp_dir=self.store.staging_dir)
         return digest
 
+    def save_manifest(self, config_digest: str, manifest: bytes) -> None:
+        """The manifest an image came with, kept by its config digest: a push that offers
+        the very same blobs sends it unchanged, so the image keeps its manifest digest."""
+        path = os.path.join(self.directory, "manifests",
+                            config_digest.removeprefix("sha256:") + ".json")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.makedirs(self.store.staging_dir, mode=0o700, exist_ok=True)
+        atomic_write(path, manifest, temp_dir=self.store.staging_dir)
+
+    def manifest(self, config_digest: str) -> bytes | None:
+        try:
+            with open(os.path.join(self.directory, "manifests",
+                                   config_digest.removeprefix("sha256:") + ".json"),
+                      "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
     def config(self, digest: str) -> bytes:
         with open(os.path.join(self.configs, digest.removeprefix("sha256:") + ".json"),
                   "rb") as handle:

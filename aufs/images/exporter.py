@@ -13,6 +13,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aufs.images.catalog import Catalog
 from aufs.images.compression import gzip_stream, zstd_stream
@@ -48,10 +49,14 @@ def _sha256_file(path: str) -> tuple[str, int]:
 
 
 def image_config(catalog: Catalog, tag_config: str | None, diff_ids: list[str]) -> bytes:
-    """The image's config (the imported one, if there is one) with these diff_ids."""
+    """The image's config (the imported one, if there is one) with these diff_ids: the
+    imported bytes themselves when its diff_ids are these, so the image id stays."""
     os_name, architecture = host_platform()
-    config = (json.loads(catalog.config(tag_config)) if tag_config
-              else {"architecture": architecture, "os": os_name, "config": {}})
+    original = catalog.config(tag_config) if tag_config else None
+    config: dict[str, Any] = (json.loads(original) if original is not None
+                              else {"architecture": architecture, "os": os_name, "config": {}})
+    if original is not None and config.get("rootfs", {}).get("diff_ids") == diff_ids:
+        return original
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     return json.dumps(config, separators=(",", ":")).encode()
 
@@ -66,10 +71,10 @@ class LayerFile:
 
 
 def layer_files(driver: Driver, chain: list[str], work: str, compression: str | None,
-                progress: Progress | None = None) -> list[LayerFile]:
-    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar."""
+                progress: Progress | None = None, parent: str = "") -> list[LayerFile]:
+    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar.
+    parent is the first layer's parent."""
     files = []
-    parent = ""
     for layer in chain:
         raw_path = os.path.join(work, f"{layer}.tar")
         with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:

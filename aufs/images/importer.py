@@ -103,7 +103,9 @@ def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, wh
     try:
         with blob.open() as raw, DecompressingReader(raw, counter) as stream:
             reader = buffered(stream)  # held: dropping it would close the stream under drain()
-            driver.apply_diff(layer, parent, reader)
+            # the tar-split is kept under the diff_id checked below; a layer whose check
+            # fails is removed with its record
+            driver.apply_diff(layer, parent, reader, record=blob.diff_id)
             stream.drain()
             reader.close()
     except (DiffError, CompressionError) as error:
@@ -112,6 +114,11 @@ def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, wh
     problem = _mismatch(blob, stream.stored_hash.hexdigest(), stream.content_hash.hexdigest())
     if problem is not None:
         raise CorruptBlobError(_blob_line(blob, what, problem, advice))
+    if blob.digest is not None and isinstance(blob.size, int) and blob.media_type:
+        # push offers this blob again when the registry has it or can mount it
+        driver.store.write_record_source(layer, {
+            "digest": blob.digest, "size": blob.size, "mediaType": blob.media_type,
+            "repository": blob.repository})
 
 
 def _blob_line(blob: LayerBlob, what: str, problem: str, advice: str) -> str:

@@ -158,6 +158,7 @@ class Descriptor:
 
     digest: str
     size: int
+    media_type: str | None = None
 
     @classmethod
     def parse(cls, data: Any, what: str) -> Descriptor:
@@ -173,7 +174,8 @@ class Descriptor:
                                    "before any request") from None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ImageSourceError(f"{what} {digest} declares no valid size ({size!r})")
-        return cls(digest, size)
+        media_type = data.get("mediaType")
+        return cls(digest, size, media_type if isinstance(media_type, str) else None)
 
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
@@ -267,7 +269,9 @@ def pull(driver: Driver, catalog: Catalog, reference: str, tag: str | None = Non
                 if index in spools:
                     spool = spools[index]
                     blob = LayerBlob(diff_ids[index], descriptors[index].digest,
-                                     descriptors[index].size, spool.reader)
+                                     descriptors[index].size, spool.reader,
+                                     descriptors[index].media_type,
+                                     f"{ref.registry}/{ref.repository}")
                     add_layer(driver, layer, layers[index - 1] if index else "", blob,
                               f"layer {index + 1}/{len(layers)}", progress, PULL_ADVICE)
                     created.append(layer)
@@ -279,6 +283,7 @@ def pull(driver: Driver, catalog: Catalog, reference: str, tag: str | None = Non
                 spool.abandon()
             raise
     config_digest = catalog.save_config(config)
+    catalog.save_manifest(config_digest, manifest_bytes)
     name = tag or f"{ref.registry}/{ref.repository}:{ref.tag or 'latest'}"
     catalog.set_tag(name, layers[-1], config_digest)
     log.info("pulled %s: %d layers, %d fetched", ref, len(layers), len(created))

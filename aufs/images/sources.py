@@ -30,6 +30,8 @@ class LayerBlob:
     digest: str | None  # digest of the blob as stored (None: only the diff_id is known)
     size: int | None
     open: Callable[[], BinaryIO]
+    media_type: str | None = None  # of the blob as stored, when a manifest says it
+    repository: str | None = None  # "registry/repository" it was pulled from
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def _read_oci(files: _Files, ref: str | None) -> list[SourceImage]:
                                    f"{len(diff_ids)} diff_ids in its config")
         blobs = tuple(
             LayerBlob(diff_id, layer["digest"], layer.get("size"),
-                      _opener(files, _blob_path(layer["digest"])))
+                      _opener(files, _blob_path(layer["digest"])), layer.get("mediaType"))
             for diff_id, layer in zip(diff_ids, layers, strict=True))
         images.append(SourceImage(name, config, config_descriptor["digest"], blobs))
     return images

@@ -185,6 +185,7 @@ class Driver:
                 raise LayerExistsError(f"layer {layer_id!r} already exists in {self.root}")
             parents = [parent, *self._store.parent_ids(parent)] if parent else []
             try:
+                self._store.remove_record(layer_id)  # a crashed remove's: not this layer's
                 self._store.make_layer_dirs(layer_id, self._layer_owner,
                                             work=self._backend.needs_work_dir)
                 self._store.write_layer_file(layer_id, parents)
@@ -230,6 +231,7 @@ class Driver:
             except BaseException:
                 self._locks.references.restore(layer_id, self._store.diff_path(layer_id), held)
                 raise
+            self._store.remove_record(layer_id)
             self._store.remove_layer_file(layer_id)
             self._store.remove_layer_dirs(layer_id)
 
@@ -258,6 +260,7 @@ class Driver:
                     atomic_remove(new)
                 if os.path.lexists(old):
                     os.rename(old, new)
+            store.rename_record(layer_id, new_id)
             store.write_layer_file(new_id, parents)  # the commit point
             store.remove_layer_file(layer_id)
 
@@ -339,9 +342,23 @@ class Driver:
         return self._diffs.diff_size(layer_id, parent)
 
     def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO, *,
-                   allow_devices: bool = True) -> int:
-        """Unpacks an uncompressed, untrusted tar into the layer, atomically."""
-        return self._diffs.apply_diff(layer_id, parent, stream, allow_devices=allow_devices)
+                   allow_devices: bool = True, record: bool | str = False) -> int:
+        """Unpacks an uncompressed, untrusted tar into the layer, atomically. record=True
+        (or the stream's diff_id, when the caller checks it) keeps the tar's tar-split, so
+        that diff(layer_id, parent) gives back this very tar."""
+        return self._diffs.apply_diff(layer_id, parent, stream, allow_devices=allow_devices,
+                                      record=record)
+
+    @property
+    def reproduces_exact_diffs(self) -> bool:
+        """Docker's Capabilities().ReproducesExactDiffs: a layer applied with record gives
+        back its original tar, byte for byte, while its files are unchanged."""
+        return True
+
+    def verified_diff_id(self, layer_id: str) -> str | None:
+        """The recorded diff_id of the layer's diff against its parent, when the files on
+        disk still rebuild it; None when it has no record or changed."""
+        return self._diffs.verified_diff_id(layer_id)
 
     def changes(self, layer_id: str, parent: str = "") -> list[Change]:
         return self._diffs.changes(layer_id, parent)

@@ -3,20 +3,26 @@
 A healthy root: every layer in layers/ has its diff/ dir and an intact parent chain; nothing
 is half done (no staging entry without a live owner, no `*-removing`, no migration under
 way); no mount under mnt/ belongs to a layer that does not exist; no dir in diff/ or mnt/
-lacks its layer; the whiteouts found agree with the format marker. Upper parts add their own
+lacks its layer; the whiteouts found agree with the format marker; each tar-split record is
+readable and its files still rebuild the recorded diff_id. Upper parts add their own
 checks and repairs (`aufs.images.fsck` adds the tags).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aufs import _implementation as native
 from aufs.archive import whiteouts
+from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
+from aufs.archive.tarsplit import TarSplitMismatch, read_entries, replay
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.store.atomic import atomic_remove, remove_tree
@@ -133,7 +139,7 @@ def check(root: str, extra_checks: Sequence[Check] = ()) -> list[Problem]:
                         f"restore the layers file from a backup, or {FORCE_HINT}", False,
                         layer))
 
-    for directory in (store.diff_dir, store.mnt_dir, store.work_dir):
+    for directory in (store.diff_dir, store.mnt_dir, store.work_dir, store.layerdb_dir):
         for name in _listdir(directory):
             path = os.path.join(directory, name)
             if name.endswith(REMOVING_SUFFIX):
@@ -178,9 +184,47 @@ def check(root: str, extra_checks: Sequence[Check] = ()) -> list[Problem]:
                 add(Problem("format-mismatch", found, "an AUFS whiteout in an overlay-format "
                             "store (overlayfs shows it as a file)",
                             "convert that layer's whiteouts to overlay", True))
+    for layer in store.recorded_ids():
+        if layer in ids and os.path.isdir(store.diff_path(layer)):
+            problem = _check_record(store, layer)
+            if problem is not None:
+                add(problem)
     for more in extra_checks:
         problems.extend(more(store, ids))
     return problems
+
+
+def _check_record(store: Store, layer: str) -> Problem | None:
+    """Reads the layer's tar-split and rebuilds its tar (hashing only) from the files."""
+    from aufs.store.diffs import FileGetter
+
+    path = store.record_path(layer)
+    try:
+        record = store.read_record(layer)
+        if record is None:
+            return Problem("bad-tar-split", path, "a tar-split record without its diff_id",
+                           "delete it (diff then writes a fresh tar)", True, layer)
+        with gzip.open(record.tar_split, "rb") as journal, \
+                FileGetter(store.diff_path(layer)) as files:
+            digest = replay(read_entries(journal), files)  # type: ignore[arg-type]
+    except TarSplitMismatch as error:
+        return _mismatch(path, str(error))
+    except (OSError, EOFError, AufsError, ValueError, zlib.error) as error:
+        if isinstance(error, OSError) and error.errno == errno.ENOENT \
+                and not str(error.filename or "").endswith(TAR_SPLIT_FILE):
+            return _mismatch(path, f"a file it names is gone ({error})")
+        return Problem("bad-tar-split", path, f"unreadable: {error}",
+                       "delete it (diff then writes a fresh tar)", True, layer)
+    if digest != record.diff_id:
+        return _mismatch(path, f"the files rebuild {digest}, not the recorded {record.diff_id}")
+    return None
+
+
+def _mismatch(path: str, why: str) -> Problem:
+    return Problem("tar-split-mismatch", path, f"the layer no longer rebuilds its original tar "
+                   f"({why}); its diff is a fresh tar with another digest",
+                   "delete the record (or re-pull the image to get the original back)", True,
+                   os.path.basename(path))
 
 
 def repair(root: str, extra_checks: Sequence[Check] = (),
@@ -317,9 +361,11 @@ def _repair_one(store: Store, problem: Problem) -> None:
     elif problem.code == "missing-diff":
         layer = os.path.basename(problem.path)
         store.remove_layer_file(layer)
-        for path in (store.mount_path(layer), store.work_path(layer)):
+        for path in (store.mount_path(layer), store.work_path(layer), store.record_path(layer)):
             if os.path.isdir(path) and not os.path.ismount(path):
                 atomic_remove(path)
+    elif problem.code in ("bad-tar-split", "tar-split-mismatch"):
+        store.remove_record(os.path.basename(problem.path))
     elif problem.code == "migration-in-progress":
         with open(os.path.join(store.root, "migration.json")) as handle:
             migrate(store, json.load(handle)["to"])

@@ -1,5 +1,11 @@
 """The on-disk store: Docker's `layers/ diff/ mnt/` layout, the parent-chain metadata, the
-whiteout-format marker and the start-up cleanup of interrupted work.
+whiteout-format marker, each layer's tar-split record and the start-up cleanup of
+interrupted work.
+
+`layerdb/<id>/` (ours; Docker's aufs code never looks there) holds what a layer applied from
+an image needs to give back its original tar: `diff` (the diff_id the tar must have),
+`tar-split.json.gz` (Docker's format) and, once known, `source.json` (the compressed blob it
+came in). The folder is made whole in staging/ and renamed into place.
 
 `layers/<id>` is the commit point: a layer exists exactly when that file does. Everything a
 crash can leave behind (`*-removing`, `staging/` entries, dirs without a layers file) is
@@ -11,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
+from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
 from aufs.errors import AufsError, LayerNotFoundError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.store.atomic import atomic_remove, atomic_write, fsync_directory, remove_tree
@@ -30,6 +39,14 @@ FORMAT_MARKER = "whiteout-format"
 WHITEOUT_FORMATS = ("aufs", "overlay")
 # the id suffix of a layer that an import or pull is still filling; renamed when whole
 INCOMPLETE_SUFFIX = "-incomplete"
+RECORD_DIFF_ID = "diff"
+RECORD_SOURCE = "source.json"
+
+
+class TarSplitRecord(NamedTuple):
+    diff_id: str  # the digest the replayed tar must have
+    tar_split: str  # path of tar-split.json.gz
+    source: dict[str, object] | None  # the compressed blob the layer came in, if known
 
 
 class CorruptStoreError(AufsError):
@@ -46,6 +63,7 @@ class Store:
         self.mnt_dir = os.path.join(root, "mnt")
         self.work_dir = os.path.join(root, "work")
         self.staging_dir = os.path.join(root, "staging")
+        self.layerdb_dir = os.path.join(root, "layerdb")
         # layers/<id> never changes once written; a chain is re-read only if the file is
         # replaced (another process removed and re-created the id).
         self._chains: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
@@ -63,6 +81,10 @@ class Store:
 
     def work_path(self, layer_id: str) -> str:
         return os.path.join(self.work_dir, layer_id)
+
+    def record_path(self, layer_id: str) -> str:
+        """layerdb/<id>: the layer's tar-split record, when it has one."""
+        return os.path.join(self.layerdb_dir, layer_id)
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -174,6 +196,73 @@ class Store:
                 found.append(other)
         return found
 
+    # ---- tar-split records ----------------------------------------------------------------
+
+    def read_record(self, layer_id: str) -> TarSplitRecord | None:
+        """The layer's tar-split record; None when it has none. CorruptStoreError when its
+        diff file is unreadable."""
+        folder = self.record_path(layer_id)
+        try:
+            with open(os.path.join(folder, RECORD_DIFF_ID), "rb") as handle:
+                raw = handle.read(200)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        diff_id = raw.decode("ascii", "replace").strip()
+        if not diff_id.startswith("sha256:") or len(diff_id) != 71:
+            raise CorruptStoreError(f"{folder}/{RECORD_DIFF_ID} holds no sha256 digest")
+        source: dict[str, object] | None = None
+        with contextlib.suppress(FileNotFoundError, ValueError), \
+                open(os.path.join(folder, RECORD_SOURCE), "rb") as handle:
+            loaded = json.load(handle)
+            source = loaded if isinstance(loaded, dict) else None
+        return TarSplitRecord(diff_id, os.path.join(folder, TAR_SPLIT_FILE), source)
+
+    def write_record(self, layer_id: str, diff_id: str, tar_split: bytes) -> None:
+        """Replaces the layer's record with a new one, atomically (the whole folder)."""
+        os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.layerdb_dir, mode=0o700, exist_ok=True)
+        temporary = tempfile.mkdtemp(prefix=".record-", dir=self.staging_dir)
+        try:
+            for name, data in ((TAR_SPLIT_FILE, tar_split), (RECORD_DIFF_ID, diff_id.encode())):
+                with open(os.path.join(temporary, name), "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            fsync_directory(temporary)
+            self.remove_record(layer_id)
+            os.rename(temporary, self.record_path(layer_id))
+        except BaseException:
+            remove_tree(temporary)
+            raise
+        fsync_directory(self.layerdb_dir)
+
+    def write_record_source(self, layer_id: str, source: dict[str, object]) -> None:
+        """Notes the compressed blob the layer came in (digest, size, mediaType, and the
+        registry repository), beside its record."""
+        folder = self.record_path(layer_id)
+        if os.path.isdir(folder):
+            atomic_write(os.path.join(folder, RECORD_SOURCE), json.dumps(source).encode(),
+                         temp_dir=self.staging_dir)
+
+    def remove_record(self, layer_id: str) -> None:
+        if os.path.lexists(self.record_path(layer_id)):
+            atomic_remove(self.record_path(layer_id))
+
+    def rename_record(self, layer_id: str, new_id: str) -> None:
+        if os.path.lexists(self.record_path(new_id)):
+            atomic_remove(self.record_path(new_id))
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.record_path(layer_id), self.record_path(new_id))
+            fsync_directory(self.layerdb_dir)
+
+    def recorded_ids(self) -> list[str]:
+        try:
+            with os.scandir(self.layerdb_dir) as entries:
+                return sorted(entry.name for entry in entries
+                              if not entry.name.endswith(REMOVING_SUFFIX))
+        except FileNotFoundError:
+            return []
+
     # ---- layer directories ----------------------------------------------------------------
 
     def make_layer_dirs(self, layer_id: str, owner: tuple[int, int], *, work: bool) -> None:
@@ -199,8 +288,8 @@ class Store:
             _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
 
     def remove_layer_dirs(self, layer_id: str) -> None:
-        for path in (self.diff_path(layer_id), self.mount_path(layer_id),
-                     self.work_path(layer_id)):
+        for path in (self.record_path(layer_id), self.diff_path(layer_id),
+                     self.mount_path(layer_id), self.work_path(layer_id)):
             atomic_remove(path)
 
     # ---- staging and start-up cleanup -----------------------------------------------------
@@ -224,7 +313,7 @@ class Store:
     def clean_stale(self) -> None:
         """Docker's start-up cleanup of `*-removing` dirs in mnt/ and diff/ (and our work/),
         plus staging entries whose owner is gone. Failures are logged, never raised."""
-        for parent in (self.mnt_dir, self.diff_dir, self.work_dir):
+        for parent in (self.mnt_dir, self.diff_dir, self.work_dir, self.layerdb_dir):
             try:
                 entries = list(os.scandir(parent))
             except FileNotFoundError:
