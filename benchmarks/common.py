@@ -1,16 +1,23 @@
-"""Timing and reporting helpers shared by the benchmarks: medians, ratios, tmpfs scratch."""
+"""Timing and reporting helpers shared by the benchmarks: medians, ratios, tmpfs scratch,
+the peak memory of a child process, and the record of every figure (for --json and --plot)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aufs
+
+# Every table printed in this run, in order: what --json writes and --plot draws.
+RESULTS: list[dict[str, Any]] = []
 
 
 def median_seconds(run: Callable[[], object], repeat: int, warmup: int = 1) -> float:
@@ -40,10 +47,56 @@ def tmpfs_scratch(size: str = "4g") -> Iterator[Path]:
             aufs.unmount(base, 2)  # MNT_DETACH
 
 
+def goal_of(note: str) -> float | None:
+    """The ratio a row's note sets as its goal ("goal <= 1.2"), if any."""
+    found = re.search(r"goal\s*<=?\s*([0-9.]+)", note)
+    return float(found.group(1)) if found else None
+
+
 def report(title: str, rows: list[tuple[str, float, str]], peer: float) -> None:
-    """Prints each timing as a ratio to the peer's time."""
+    """Prints each timing as a ratio to the peer's time, and records the table."""
     print(f"\n{title}")
+    recorded = []
     for name, seconds, note in rows:
         ratio = seconds / peer if peer else float("nan")
         unit = f"{seconds * 1e3:10.3f} ms" if seconds < 1 else f"{seconds:10.3f} s "
         print(f"  {name:<34} {unit}  {ratio:6.2f}x  {note}")
+        recorded.append({"name": name, "seconds": seconds, "ratio": ratio, "note": note,
+                         "goal": goal_of(note), "peer": seconds == peer})
+    RESULTS.append({"kind": "time", "title": title, "rows": recorded})
+
+
+def report_memory(title: str, rows: list[tuple[str, int, str]]) -> None:
+    """Prints and records peak resident memory (KiB, as getrusage gives it) per command."""
+    print(f"\n{title}")
+    recorded = []
+    for name, kibibytes, note in rows:
+        print(f"  {name:<34} {kibibytes / 1024:10.1f} MiB  {note}")
+        recorded.append({"name": name, "peak_rss_kib": kibibytes, "note": note})
+    RESULTS.append({"kind": "memory", "title": title, "rows": recorded})
+
+
+def peak_rss_kib(command: Sequence[str] | str, *, shell: bool = False,
+                 cwd: str | os.PathLike[str] | None = None) -> int:
+    """Runs command to its end and returns its peak RSS in KiB: ru_maxrss from wait4, which
+    covers the child and the descendants it waited for (each stage of a shell pipeline)."""
+    process = subprocess.Popen(command, shell=shell, cwd=cwd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return int(usage.ru_maxrss)
+
+
+def alternating_medians(runs: Sequence[Callable[[], object]], repeat: int,
+                        warmup: int = 1) -> list[float]:
+    """Median wall time of each run, taken in turns (one of each per round) so that drift in
+    the machine's speed hits them alike; `warmup` untimed rounds first."""
+    times: list[list[float]] = [[] for _ in runs]
+    for round_number in range(warmup + repeat):
+        for run, samples in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            if round_number >= warmup:
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]

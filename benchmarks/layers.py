@@ -11,12 +11,13 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aufs
-from benchmarks.common import report, tmpfs_scratch
+from benchmarks.common import peak_rss_kib, report, report_memory, tmpfs_scratch
 from benchmarks.tree import build_tree
 
 CACHE = Path(os.environ.get("AUFS_BENCH_CACHE", "/var/cache/aufs-bench"))
@@ -76,6 +77,17 @@ def main(arguments: list[str]) -> None:
         report("apply a layer (ratio to GNU tar -x)",
                [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 1.3")],
                gnu_x)
+        target = scratch / "gnu-memory"
+        target.mkdir()
+        report_memory("apply a layer, peak RSS of the child (goal < 100 MiB)", [
+            ("tar -x (peer)", peak_rss_kib(["tar", "--numeric-owner", "-xpf", str(layer_tar),
+                                            "-C", str(target)]), ""),
+            ("Driver.apply_diff", peak_rss_kib([sys.executable, "-m", "benchmarks.child",
+                                                "apply", str(layer_tar),
+                                                str(scratch / "memory-store")]), ""),
+        ])
+        shutil.rmtree(target)
+        _remove_store(scratch / "memory-store")
 
         driver.create("exported")
         with open(layer_tar, "rb") as stream:
@@ -116,3 +128,8 @@ def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int
                 if layer.startswith("layer-"):
                     driver.remove(layer)
     return statistics.median(timings[0]), statistics.median(timings[1])
+
+
+def _remove_store(path: Path) -> None:
+    aufs.Driver(path, backend="overlay").cleanup()
+    shutil.rmtree(path)
