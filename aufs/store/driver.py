@@ -7,6 +7,7 @@ change on disk. The layout is in store.py, the union mounts in backends/.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from aufs.errors import (
     LayerExistsError,
     LayerInUseError,
     LayerNotFoundError,
+    MountError,
     UnbalancedPutError,
     UnmountBusyError,
 )
@@ -260,6 +262,7 @@ class Driver:
                     os.rename(old, new)
             store.write_layer_file(new_id, parents)  # the commit point
             store.remove_layer_file(layer_id)
+            store.remove_short_link(layer_id)
 
     # ---- get and put ----------------------------------------------------------------------
 
@@ -283,7 +286,7 @@ class Driver:
                     if parents and not self._backend.is_mounted(path):
                         if self._backend.needs_work_dir:
                             self._store.ensure_work_dir(layer_id, self._layer_owner)
-                        self._backend.mount(self._mount_request(layer_id, parents, mount_label))
+                        self._mount(layer_id, mount_label)
                 except BaseException:
                     self._locks.references.release(layer_id)
                     raise
@@ -396,15 +399,29 @@ class Driver:
             return self._store.mount_path(layer_id)
         return self._store.diff_path(layer_id)
 
-    def _mount_request(self, layer_id: str, parents: Sequence[str], label: str) -> MountRequest:
+    def _mount(self, layer_id: str, label: str) -> None:
+        try:
+            self._backend.mount(self._mount_request(layer_id, label))
+        except MountError as error:
+            if error.errno != errno.ENOENT:
+                raise
+            # a short link went missing under the cache (removed by hand, say): check every
+            # link of the chain again, once
+            self._store.forget_chain(layer_id)
+            self._backend.mount(self._mount_request(layer_id, label))
+
+    def _mount_request(self, layer_id: str, label: str) -> MountRequest:
         store = self._store
+        chain = store.mount_chain(layer_id, short_links=self._backend.uses_short_links)
         return MountRequest(
             layer_id=layer_id,
             upper=store.diff_path(layer_id),
-            lowers=tuple(store.diff_path(parent) for parent in parents),
+            lowers=chain.lowers,
             target=store.mount_path(layer_id),
             work=store.work_path(layer_id) if self._backend.needs_work_dir else None,
             label=label,
+            root=store.root if chain.short_lowerdir is not None else None,
+            short_lowerdir=chain.short_lowerdir,
         )
 
     def _unmount_layer(self, layer_id: str, *, force: bool, refuse_if_shared: bool) -> None:
