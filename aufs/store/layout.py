@@ -56,6 +56,7 @@ class MountChain:
     parents: tuple[str, ...]
     lowers: tuple[str, ...]
     short_lowerdir: str | None
+    short_lowerdir_absolute: str | None = None  # the same links by full path
 
 
 class CorruptStoreError(AufsError):
@@ -78,20 +79,24 @@ class Store:
         # this Store also drop the entry (forget_chain).
         self._chains: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
         self._mount_chains: dict[str, tuple[tuple[int, int, int], bool, MountChain]] = {}
+        self._work_dirs: set[str] = set()  # work/<id> known to exist
 
     # ---- paths ----------------------------------------------------------------------------
 
+    # A layer id holds no "/" (aufs.ids), so these are plain concatenations: get and put
+    # call them a dozen times, and os.path.join showed in their profile.
+
     def layer_file(self, layer_id: str) -> str:
-        return os.path.join(self.layers_dir, layer_id)
+        return self.layers_dir + "/" + layer_id
 
     def diff_path(self, layer_id: str) -> str:
-        return os.path.join(self.diff_dir, layer_id)
+        return self.diff_dir + "/" + layer_id
 
     def mount_path(self, layer_id: str) -> str:
-        return os.path.join(self.mnt_dir, layer_id)
+        return self.mnt_dir + "/" + layer_id
 
     def work_path(self, layer_id: str) -> str:
-        return os.path.join(self.work_dir, layer_id)
+        return self.work_dir + "/" + layer_id
 
     def short_link_path(self, layer_id: str) -> str:
         return os.path.join(self.link_dir, short_link_name(layer_id))
@@ -183,17 +188,19 @@ class Store:
         if cached is not None and cached[0] == identity and cached[1] == short_links:
             return cached[2]
         short_lowerdir: str | None = None
+        absolute: str | None = None
         if short_links:
             try:
                 for parent in parents:
                     self.ensure_short_link(parent)
-                short_lowerdir = ":".join(
-                    f"{LINK_DIR}/{short_link_name(parent)}" for parent in parents)
+                names = [short_link_name(parent) for parent in parents]
+                short_lowerdir = ":".join(f"{LINK_DIR}/{name}" for name in names)
+                absolute = ":".join(os.path.join(self.link_dir, name) for name in names)
             except OSError as error:  # a read-only root: full paths still work
                 log.debug("cannot make short links in %s (%s); using full paths",
                           self.link_dir, error)
         chain = MountChain(parents, tuple(self.diff_path(parent) for parent in parents),
-                           short_lowerdir)
+                           short_lowerdir, absolute)
         self._mount_chains[layer_id] = (identity, short_links, chain)
         return chain
 
@@ -202,9 +209,11 @@ class Store:
         if layer_id is None:
             self._chains.clear()
             self._mount_chains.clear()
+            self._work_dirs.clear()
         else:
             self._chains.pop(layer_id, None)
             self._mount_chains.pop(layer_id, None)
+            self._work_dirs.discard(layer_id)
 
     # ---- short links (l/) -----------------------------------------------------------------
 
@@ -300,14 +309,19 @@ class Store:
             _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
 
     def ensure_work_dir(self, layer_id: str, owner: tuple[int, int]) -> None:
-        """work/<id> for backends that need one; layers Docker made have none until mounted."""
+        """work/<id> for backends that need one; layers Docker made have none until mounted.
+        Looked for once per layer (a mount that finds it gone calls forget_chain first)."""
+        if layer_id in self._work_dirs:
+            return
         path = self.work_path(layer_id)
         if not os.path.isdir(path):
             os.makedirs(self.work_dir, mode=ROOT_MODE, exist_ok=True)
             os.mkdir(path, LAYER_DIR_MODE)
             _set_mode_and_owner(path, LAYER_DIR_MODE, owner)
+        self._work_dirs.add(layer_id)
 
     def remove_layer_dirs(self, layer_id: str) -> None:
+        self.forget_chain(layer_id)
         self.remove_short_link(layer_id)
         for path in (self.diff_path(layer_id), self.mount_path(layer_id),
                      self.work_path(layer_id)):

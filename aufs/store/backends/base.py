@@ -23,9 +23,11 @@ class MountRequest:
     target: str
     work: str | None
     label: str = ""
-    # the lowers as short links relative to root ("l/A:l/B"), when the store has them
+    # the lowers as short links relative to root ("l/A:l/B"), when the store has them, and
+    # the same by full path (ROOT/l/A:ROOT/l/B)
     root: str | None = None
     short_lowerdir: str | None = None
+    short_lowerdir_absolute: str | None = None
 
 
 def existing_ancestor(path: str) -> str:
