@@ -8,6 +8,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,16 +77,35 @@ def report_memory(title: str, rows: list[tuple[str, int, str]]) -> None:
     RESULTS.append({"kind": "memory", "title": title, "rows": recorded})
 
 
+# A child's ru_maxrss also counts the memory of the process it was forked from, up to its
+# exec (Linux keeps the old mm's high-water mark), so a command forked straight from this
+# benchmark would report at least the benchmark's own RSS. A small launcher that was itself
+# exec'ed starts the command instead: GNU time when present, else this one (whose own ~8 MiB
+# then sets the floor). Both write the peak in KiB to the file named first.
+_LAUNCHER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as output:
+    output.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss_kib(command: Sequence[str] | str, *, shell: bool = False,
                  cwd: str | os.PathLike[str] | None = None) -> int:
-    """Runs command to its end and returns its peak RSS in KiB: ru_maxrss from wait4, which
-    covers the child and the descendants it waited for (each stage of a shell pipeline)."""
-    process = subprocess.Popen(command, shell=shell, cwd=cwd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, command)
-    return int(usage.ru_maxrss)
+    """Runs command to its end and returns its peak RSS in KiB, as wait4 reports it for the
+    command's process and the descendants it waited for (each stage of a shell pipeline)."""
+    argv = ["/bin/sh", "-c", command] if shell else list(command)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="aufs-bench-rss-") as directory:
+        result = os.path.join(directory, "peak")
+        if os.access("/usr/bin/time", os.X_OK):
+            launcher = ["/usr/bin/time", "-q", "-f", "%M", "-o", result]
+        else:
+            launcher = [sys.executable, "-S", "-c", _LAUNCHER, result]
+        subprocess.run([*launcher, *argv], cwd=cwd, stdout=subprocess.DEVNULL, check=True)
+        with open(result) as output:
+            return int(output.read().split()[-1])
 
 
 def alternating_medians(runs: Sequence[Callable[[], object]], repeat: int,
