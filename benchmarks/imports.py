@@ -104,7 +104,7 @@ def main(arguments: list[str]) -> None:
                     timings[name].append(time.perf_counter() - start)
                 for path in scratch.glob("run-*"):
                     _remove(path)
-        medians = [(name, statistics.median(times), "goal <= 1.0" if name == "aufs import"
+        medians = [(name, statistics.median(times), "goal <= 0.5" if name == "aufs import"
                     else "") for name, times in timings.items()]
         report(f"import an image, median of {repeat} (ratio to the GNU pipeline)", medians,
                medians[0][1])

@@ -75,7 +75,7 @@ def main(arguments: list[str]) -> None:
 
         gnu_x, ours_x = _alternating(gnu_extract, our_apply, repeat, scratch, driver)
         report("apply a layer (ratio to GNU tar -x)",
-               [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 1.3")],
+               [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 0.9")],
                gnu_x)
         target = scratch / "gnu-memory"
         target.mkdir()
@@ -105,7 +105,7 @@ def main(arguments: list[str]) -> None:
 
         gnu_c, ours_c = _alternating(gnu_create, our_diff, repeat, scratch)
         report("diff a layer, read through a pipe (ratio to GNU tar -c)",
-               [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 1.3")], gnu_c)
+               [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 0.9")], gnu_c)
         driver.cleanup()
 
 
