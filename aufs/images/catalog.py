@@ -37,13 +37,14 @@ class Catalog:
         try:
             with open(self.index_path) as handle:
                 data = json.load(handle)
+            return {name: Tag(name, entry["top"], entry["config"])
+                    for name, entry in data.get("tags", {}).items()}
         except FileNotFoundError:
             return {}
-        except ValueError as error:
-            raise AufsError(f"{self.index_path} is corrupt ({error}); restore it or delete it "
-                            "(the layers stay, only the tags are lost)") from None
-        return {name: Tag(name, entry["top"], entry["config"])
-                for name, entry in data.get("tags", {}).items()}
+        except (ValueError, AttributeError, TypeError, KeyError) as error:  # not our shape
+            raise AufsError(f"{self.index_path} is corrupt ({type(error).__name__}: {error}); "
+                            "restore it or delete it (the layers stay, only the tags are "
+                            "lost)") from None
 
     def _write(self, tags: dict[str, Tag]) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)

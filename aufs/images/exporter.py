@@ -109,6 +109,11 @@ def export_image(driver: Driver, catalog: Catalog, reference: str, destination: 
                  image_format: str = "oci", progress: Progress | None = None) -> ExportedImage:
     if image_format not in ("oci", "docker-archive"):
         raise ValueError(f"unknown format {image_format!r}; choose oci or docker-archive")
+    as_directory = image_format == "oci" and not destination.endswith(".tar")
+    if os.path.lexists(destination) and (as_directory or not os.path.isfile(destination)):
+        # a rename onto a device or a dir would replace it: only a regular file is rewritten
+        raise FileExistsError(f"{destination} exists" + ("" if as_directory else
+                              " and is no regular file") + "; remove it or choose another -o")
     top, tag = catalog.resolve(reference)
     chain = [*reversed(driver.parent_ids(top)), top]
     name = tag.name if tag is not None else top[:12]

@@ -71,6 +71,9 @@ class _Files:
         if not os.path.isdir(root):
             try:
                 self._tar = tarfile.open(root, "r:*")  # noqa: SIM115 - closed by close()
+            except tarfile.ReadError:  # tarfile lists every decompressor it tried
+                raise ImageSourceError(f"{root} is neither an image directory nor a tar "
+                                       "archive (plain, gzip, bzip2 or xz)") from None
             except (tarfile.TarError, OSError) as error:
                 raise ImageSourceError(f"{root} is neither an image directory nor a tar: "
                                        f"{error}") from None
@@ -185,7 +188,8 @@ def open_images(source: str) -> Iterator[list[SourceImage]]:
     save tar. Blob openers stay valid inside the with-block."""
     path, ref = split_reference(source)
     if not os.path.exists(path):
-        raise ImageSourceError(f"{path} does not exist")
+        raise ImageSourceError(f"{path!r} does not exist: give an OCI layout (dir or tar) or "
+                               "a docker save tar, as PATH or PATH:REF")
     files = _Files(path)
     try:
         if files.exists("oci-layout") or files.exists("index.json"):
