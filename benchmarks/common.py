@@ -17,6 +17,8 @@ from typing import Any
 
 import aufs
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
 # Every table printed in this run, in order: what --json writes and --plot draws.
 RESULTS: list[dict[str, Any]] = []
 
@@ -103,7 +105,10 @@ def peak_rss_kib(command: Sequence[str] | str, *, shell: bool = False,
             launcher = ["/usr/bin/time", "-q", "-f", "%M", "-o", result]
         else:
             launcher = [sys.executable, "-S", "-c", _LAUNCHER, result]
-        subprocess.run([*launcher, *argv], cwd=cwd, stdout=subprocess.DEVNULL, check=True)
+        # `python -m benchmarks.child` finds this package wherever the command runs
+        path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+        subprocess.run([*launcher, *argv], cwd=cwd, stdout=subprocess.DEVNULL, check=True,
+                       env=dict(os.environ, PYTHONPATH=path))
         with open(result) as output:
             return int(output.read().split()[-1])
 

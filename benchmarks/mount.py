@@ -56,11 +56,13 @@ def classic_data(driver: aufs.Driver, top: str, links: list[str]) -> str:
 
 
 def raw_classic(driver: aufs.Driver, top: str, home: Path, data: str) -> None:
+    previous = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     os.chdir(home)  # as Docker's mountFrom does, in a child; this benchmark has one thread
     try:
         _native.mount("overlay", driver.store.mount_path(top), "overlay", 0, data)
     finally:
-        os.chdir("/")
+        os.fchdir(previous)
+        os.close(previous)
     _native.unmount(driver.store.mount_path(top))
 
 
