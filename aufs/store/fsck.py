@@ -197,7 +197,8 @@ def _check_short_links(store: Store, ids: set[str]) -> list[Problem]:
                                     "no layer (an interrupted remove)", "delete it", True))
         elif not store.short_link_ok(layer):
             problems.append(Problem("bad-short-link", path, f"should be a symlink to "
-                                    f"{store.short_link_target(layer)}", "make it again", True))
+                                    f"{store.short_link_target(layer)}", "make it again", True,
+                                    subject=layer))
     return problems
 
 
@@ -325,8 +326,7 @@ def _repair_one(store: Store, problem: Problem) -> None:
     elif problem.code in ("stale-removing", "abandoned-staging", "orphan-short-link"):
         remove_tree(problem.path)
     elif problem.code == "bad-short-link":
-        layer = next(layer for layer in store.ids()
-                     if store.short_link_path(layer) == problem.path)
+        layer = problem.subject
         if os.path.isdir(problem.path) and not os.path.islink(problem.path):
             remove_tree(problem.path)
         store.ensure_short_link(layer)
