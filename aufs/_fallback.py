@@ -170,6 +170,17 @@ def mount(
         raise _os_error(_last_errno(), target)
 
 
+CLONE_FS = 0x200
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) for the calling thread (CLONE_FS: a working directory of its own). Pure
+    Python on both paths: it is called once per thread, never in a hot loop."""
+    if _libc.unshare(flags) != 0:
+        raise _os_error(_last_errno(), "unshare")
+
+
 def unmount(target: PathArg, flags: int = 0) -> None:
     """umount2(2) with the given MNT_* flags."""
     if _libc.umount2(_encode(target, "unmount target"), flags) != 0:

@@ -50,6 +50,7 @@ parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
 unmount = _chosen.unmount
+unshare = _fallback.unshare  # pure Python on both paths
 
 __all__ = [
     "IMPLEMENTATION",
@@ -69,4 +70,5 @@ __all__ = [
     "parse_tar_number",
     "renameat2",
     "unmount",
+    "unshare",
 ]

@@ -18,6 +18,7 @@ from aufs import machine
 from aufs.cli.progress import Progress
 from aufs.cli.sizes import human_size
 from aufs.errors import AufsError, NotSupportedError
+from aufs.images import inflaters
 from aufs.images.digests import HashingReader, buffered
 from aufs.store.backends import BACKENDS
 from aufs.store.driver import Driver
@@ -93,11 +94,15 @@ def command_info(arguments: argparse.Namespace) -> int:
         except NotSupportedError as error:
             backends.append({"name": name, "usable": False, "why": error.reason or str(error)})
     reports = machine.describe()
+    inflater = inflaters.GZIP_INFLATER
     if arguments.json:
         _print_json({"implementation": native.IMPLEMENTATION, "backends": backends,
+                     "inflater": {"name": inflater.name, "version": inflater.version},
                      "machine": [report.__dict__ for report in reports]})
         return 0
     print(f"implementation: {native.IMPLEMENTATION}")
+    hint = "" if inflater.name == "isal" else " (pip install 'aufs[fast]' for ISA-L's)"
+    print(f"gzip inflater: {inflater.name} {inflater.version}{hint}")
     print("backends:")
     for backend in backends:
         state = "usable" if backend["usable"] else f"not usable: {backend['why']}"

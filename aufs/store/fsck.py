@@ -26,7 +26,7 @@ from aufs.archive.tarsplit import TarSplitMismatch, read_entries, replay
 from aufs.errors import AufsError
 from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.store.atomic import atomic_remove, remove_tree
-from aufs.store.layout import INCOMPLETE_SUFFIX, Store
+from aufs.store.layout import INCOMPLETE_SUFFIX, Store, short_link_name
 from aufs.store.locking import LayerReferences, RootLock, lock_would_block
 
 MNT_DETACH = 0x2
@@ -148,6 +148,7 @@ def check(root: str, extra_checks: Sequence[Check] = ()) -> list[Problem]:
             elif name not in ids and os.path.isdir(path):
                 add(Problem("orphan-dir", path, "no layer owns this dir (an interrupted "
                             "create or remove)", "delete it", True))
+    problems.extend(_check_short_links(store, ids))
     for name in _listdir(store.staging_dir):
         path = os.path.join(store.staging_dir, name)
         if os.path.isdir(path) and not lock_would_block(path, exclusive=True):
@@ -225,6 +226,22 @@ def _mismatch(path: str, why: str) -> Problem:
                    f"({why}); its diff is a fresh tar with another digest",
                    "delete the record (or re-pull the image to get the original back)", True,
                    os.path.basename(path))
+def _check_short_links(store: Store, ids: set[str]) -> list[Problem]:
+    """Each entry in l/ is a layer's short link pointing at its diff dir. A missing one is
+    no problem: the next mount makes it."""
+    problems = []
+    owners = {short_link_name(layer): layer for layer in ids}
+    for name in _listdir(store.link_dir):
+        path = os.path.join(store.link_dir, name)
+        layer = owners.get(name)
+        if layer is None:
+            problems.append(Problem("orphan-short-link", path, "a short link that belongs to "
+                                    "no layer (an interrupted remove)", "delete it", True))
+        elif not store.short_link_ok(layer):
+            problems.append(Problem("bad-short-link", path, f"should be a symlink to "
+                                    f"{store.short_link_target(layer)}", "make it again", True,
+                                    subject=layer))
+    return problems
 
 
 def repair(root: str, extra_checks: Sequence[Check] = (),
@@ -348,8 +365,13 @@ def _repair_one(store: Store, problem: Problem) -> None:
 
     if problem.code == "orphan-mount":
         native.unmount(problem.path, MNT_DETACH)
-    elif problem.code in ("stale-removing", "abandoned-staging"):
+    elif problem.code in ("stale-removing", "abandoned-staging", "orphan-short-link"):
         remove_tree(problem.path)
+    elif problem.code == "bad-short-link":
+        layer = problem.subject
+        if os.path.isdir(problem.path) and not os.path.islink(problem.path):
+            remove_tree(problem.path)
+        store.ensure_short_link(layer)
     elif problem.code == "orphan-dir":
         if os.path.ismount(problem.path):
             native.unmount(problem.path, MNT_DETACH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -87,6 +88,16 @@ def test_info_reports_backends_and_implementation(tmp_path: Path) -> None:
     if not names["aufs"]["usable"]:
         assert "AUFS was not found" in names["aufs"]["why"]
     assert any(report["name"] == "new mount API" for report in info["machine"])
+
+
+@pytest.mark.parametrize("inflater", ["zlib", "isal"])
+def test_info_says_which_gzip_inflater_runs(tmp_path: Path, inflater: str) -> None:
+    if inflater == "isal" and importlib.util.find_spec("isal") is None:
+        pytest.skip("isal is not installed (pip install 'aufs[fast]')")
+    result = subprocess.run([sys.executable, "-m", "aufs", "--root", str(tmp_path), "info"],
+                            capture_output=True, text=True, check=True,
+                            env=dict(os.environ, AUFS_INFLATER=inflater))
+    assert f"gzip inflater: {inflater} " in result.stdout
 
 
 # ---- the layer commands -------------------------------------------------------------------------
