@@ -85,7 +85,7 @@ def _errors() -> tuple[type[Exception], ...]:
         from isal import isal_zlib  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return (zlib.error,)
-    isal_error: type[Exception] = isal_zlib.error
+    isal_error: type[Exception] = isal_zlib.error  # its stubs call it an instance
     return (zlib.error, isal_error)
 
 
