@@ -217,3 +217,67 @@ def remove_tree(parent_fd: int, name: str, *, missing_ok: bool = False) -> None:
         os.close(fd)
     with contextlib.suppress(*ignored):
         os.rmdir(name, dir_fd=parent_fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_directory_no_symlinks(dir_fd: int, relative: str) -> int:
+    """A new fd of the directory at relative below dir_fd, refusing a symlink in any
+    component (OSError ELOOP naming it) and any ".."."""
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if ".." in parts or relative.startswith("/"):
+        raise OSError(errno.EXDEV, "the path leads outside its directory", relative)
+    fd = os.dup(dir_fd)
+    try:
+        for index, part in enumerate(parts):
+            try:
+                next_fd = os.open(part, NO_FOLLOW_DIRECTORY_FLAGS, dir_fd=fd)
+            except OSError as error:
+                if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                    info = os.lstat(part, dir_fd=fd)
+                    raise OSError(error.errno, f"{_kind(info.st_mode)}, not a directory "
+                                  "(links are not followed here)",
+                                  "/".join(parts[:index + 1])) from None
+                raise
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular_file(dir_fd: int, relative: str) -> int:
+    """A new read-only fd of the regular file at relative below dir_fd. No symlink is
+    followed in any component, and nothing but a regular file is ever opened for reading:
+    the entry is looked at through an O_PATH fd first, so a FIFO cannot hang the caller
+    and a device is never opened. Refusals are OSError naming the path and its kind."""
+    parent, _, name = relative.rpartition("/")
+    if name in ("", ".", ".."):
+        raise OSError(errno.EINVAL, "not a file name", relative)
+    directory = open_directory_no_symlinks(dir_fd, parent)
+    try:
+        path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    finally:
+        os.close(directory)
+    try:
+        info = os.fstat(path_fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{_kind(info.st_mode)}, not a regular file", relative)
+        # reopen the very inode the O_PATH fd holds: no second lookup to race with
+        fd = os.open(f"/proc/self/fd/{path_fd}",
+                     os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "the file changed while it was opened", relative)
+    return fd
