@@ -84,21 +84,19 @@ def replace_a_file(root: Path, make: object) -> tuple[Path, str]:
 
 
 def test_fifo_named_in_tar_split_does_not_hang(docker_root: Path, tmp_path: Path) -> None:
-    path, _ = replace_a_file(docker_root, os.mkfifo)
+    replace_a_file(docker_root, os.mkfifo)
     results: list[object] = []
 
     def run() -> None:
         try:
             results.append(rescue(str(docker_root), str(tmp_path / "out")))
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             results.append(error)
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    worker.join(120)  # a hang guard, not a measure: the fixed rescue never blocks here
-    if worker.is_alive():
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # let the stuck reader go
-        worker.join()
+    worker.join(60)  # a hang guard, not a measure: the fixed rescue never blocks here
+    if worker.is_alive():  # the daemon thread stays blocked; the process still exits
         pytest.fail("rescue blocked opening a FIFO named in tar-split")
     (images,) = results
     assert isinstance(images, list), images
