@@ -176,5 +176,5 @@ def test_symlink_member_of_a_tar_source_is_refused(saved: Path, tmp_path: Path) 
         link.type = tarfile.SYMTYPE
         link.linkname = config.name
         archive.addfile(link)
-    with pytest.raises(ImageSourceError, match="config.json is a link"):
+    with pytest.raises(ImageSourceError, match=r"config\.json is a link"):
         read(archive_path)
