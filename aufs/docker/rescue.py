@@ -11,7 +11,6 @@ files, the config is rewritten, and the result says so.
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import json
@@ -25,9 +24,11 @@ from typing import BinaryIO
 
 from aufs.archive.beneath import open_directory_no_symlinks, open_regular_file
 from aufs.archive.export import ExportOptions, write_tree
+from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
+from aufs.archive.tarsplit import read_entries, replay
 from aufs.errors import AufsError, InvalidLayerIDError
-from aufs.ids import validate_layer_id
 from aufs.images.digests import chain_ids, parse_digest
+from aufs.ids import validate_layer_id
 from aufs.images.sources import REF_NAME
 
 log = logging.getLogger(__name__)
@@ -66,40 +67,6 @@ class LayerFiles:
             if isinstance(error, FileNotFoundError):
                 raise
             raise RescueError(f"tar-split names {name!r}: {error.strerror}") from None
-
-
-def replay_tar_split(journal: BinaryIO, files: LayerFiles, out: BinaryIO) -> str:
-    """Writes the original tar from a tar-split journal; returns its sha256 digest."""
-    digest = hashlib.sha256()
-    for number, line in enumerate(journal, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError as error:
-            raise RescueError(f"tar-split line {number} is not JSON: {error}") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("name", ""), str):
-            raise RescueError(f"tar-split line {number} is not an entry")
-        if entry.get("type") == 2:  # raw bytes: headers, padding, the end blocks
-            chunk = base64.b64decode(entry.get("payload") or "")
-            digest.update(chunk)
-            out.write(chunk)
-        elif entry.get("type") == 1:  # a file's contents, read from the layer dir
-            size = int(entry.get("size") or 0)
-            if not size:
-                continue
-            with files.get(entry.get("name") or "") as handle:
-                remaining = size
-                while remaining:
-                    chunk = handle.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        raise RescueError(f"{entry['name']} is shorter than tar-split says")
-                    digest.update(chunk)
-                    out.write(chunk)
-                    remaining -= len(chunk)
-        else:
-            raise RescueError(f"tar-split line {number} has unknown type {entry.get('type')}")
-    return "sha256:" + digest.hexdigest()
 
 
 class DockerAufsRoot:
@@ -269,11 +236,12 @@ def _archive_layer(source: DockerAufsRoot, chain_id: str, diff_id: str, blobs: s
                    branch: int) -> tuple[str, int, str]:
     target = os.path.join(blobs, parse_digest(diff_id))
     partial = target + ".partial"
-    journal_path = os.path.join(source.layer_dir(chain_id), "tar-split.json.gz")
+    journal_path = os.path.join(source.layer_dir(chain_id), TAR_SPLIT_FILE)
     note = ""
     try:
         with gzip.open(journal_path, "rb") as journal, open(partial, "wb") as out:
-            rebuilt = replay_tar_split(journal, LayerFiles(branch), out)  # type: ignore[arg-type]
+            rebuilt = replay(read_entries(journal), LayerFiles(branch),  # type: ignore[arg-type]
+                             out.write)
         if rebuilt != diff_id:
             note = f"the tar-split rebuild gives {rebuilt[:19]}, not the recorded diff_id"
     except FileNotFoundError as error:

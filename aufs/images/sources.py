@@ -34,6 +34,8 @@ class LayerBlob:
     digest: str | None  # digest of the blob as stored (None: only the diff_id is known)
     size: int | None
     open: Callable[[], BinaryIO]
+    media_type: str | None = None  # of the blob as stored, when a manifest says it
+    repository: str | None = None  # "registry/repository" it was pulled from
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class _Files:
             return
         try:
             self._tar = tarfile.open(root, "r:*")  # noqa: SIM115 - closed by close()
+        except tarfile.ReadError:  # tarfile lists every decompressor it tried
+            raise ImageSourceError(f"{root} is neither an image directory nor a tar "
+                                   "archive (plain, gzip, bzip2 or xz)") from None
         except (tarfile.TarError, OSError) as error:
             raise ImageSourceError(f"{root} is neither an image directory nor a tar: "
                                    f"{error}") from None
@@ -209,7 +214,11 @@ def _read_oci(files: _Files, ref: str | None) -> list[SourceImage]:
             size = layer.get("size")
             if size is not None and (not isinstance(size, int) or size < 0):
                 raise ImageSourceError(f"{what}'s layer {number}: size {size!r} is not a size")
-            blobs.append(LayerBlob(diff_id, digest, size, _opener(files, _blob_path(digest))))
+            media_type = layer.get("mediaType")
+            if media_type is not None and not isinstance(media_type, str):
+                raise ImageSourceError(f"{what}'s layer {number}: mediaType is not a string")
+            blobs.append(LayerBlob(diff_id, digest, size, _opener(files, _blob_path(digest)),
+                                   media_type))
         images.append(SourceImage(name, config, config_digest, tuple(blobs)))
     return images
 
@@ -290,7 +299,8 @@ def open_images(source: str) -> Iterator[list[SourceImage]]:
     save tar. Blob openers stay valid inside the with-block."""
     path, ref = split_reference(source)
     if not os.path.exists(path):
-        raise ImageSourceError(f"{path} does not exist")
+        raise ImageSourceError(f"{path!r} does not exist: give an OCI layout (dir or tar) or "
+                               "a docker save tar, as PATH or PATH:REF")
     files = _Files(path)
     try:
         if files.exists("oci-layout") or files.exists("index.json"):
