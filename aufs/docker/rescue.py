@@ -27,8 +27,8 @@ from aufs.archive.export import ExportOptions, write_tree
 from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
 from aufs.archive.tarsplit import read_entries, replay
 from aufs.errors import AufsError, InvalidLayerIDError
-from aufs.images.digests import chain_ids, parse_digest
 from aufs.ids import validate_layer_id
+from aufs.images.digests import chain_ids, parse_digest
 from aufs.images.sources import REF_NAME
 
 log = logging.getLogger(__name__)
