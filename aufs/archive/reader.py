@@ -245,5 +245,5 @@ class TarReader:
             raise TarFormatError("a zero block in the middle of the archive")
         while self._fill():
             if self._recorder is not None:  # kept: the layer's digest covers it
-                self._recorder.consume(self._view[self._start:self._end])
+                self._recorder.consume_trailing(self._view[self._start:self._end])
             self._start = self._end
