@@ -20,7 +20,9 @@ import pytest
 import aufs
 import tarbuild
 from aufs.store.backends.aufs import AUFS_BRANCH_MAX
-from conftest import requires_aufs
+from conftest import backend_unavailable, requires_aufs
+from dockerroot import build_docker_root
+from tarbuild import tree_snapshot
 
 pytestmark = [requires_aufs, pytest.mark.aufs_kernel]
 
@@ -264,3 +266,40 @@ def test_auplink_flush_runs_from_path_before_the_unmount(
     driver.put(ids[-1])
     assert log.read_text().splitlines() == [f"{path} flush 1"]  # flushed while still mounted
     assert not aufs.is_mountpoint(path)
+
+
+# ---- a root Docker made -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(backend_unavailable("fuse-overlayfs")),
+                    reason=str(backend_unavailable("fuse-overlayfs")))
+def test_a_docker_made_root_shows_the_same_trees_as_through_fuse_overlayfs(scratch: Path
+                                                                          ) -> None:
+    """Docker 20.10's aufs root (built from the fixtures as the rescue tests do): every layer
+    mounts on the real aufs and merges to the tree fuse-overlayfs shows."""
+    docker_root = build_docker_root(scratch / "docker")
+    trees: dict[str, dict[str, dict[str, tuple[object, ...]]]] = {}
+    for backend in ("aufs", "fuse-overlayfs"):
+        driver = aufs.Driver(docker_root / "aufs", backend=backend)
+        assert driver.backend == backend
+        trees[backend] = {}
+        try:
+            for layer in driver.layer_ids():
+                with driver.mounted(layer) as path:
+                    trees[backend][layer] = comparable(tree_snapshot(Path(path)))
+        finally:
+            driver.cleanup()
+    assert len(trees["aufs"]) == len(list((docker_root / "aufs" / "layers").iterdir())) >= 4
+    assert any(len(tree) > 3 for tree in trees["aufs"].values())
+    assert trees["aufs"] == trees["fuse-overlayfs"]
+
+
+def comparable(snapshot: dict[str, tuple[object, ...]]) -> dict[str, tuple[object, ...]]:
+    """The snapshot with each hardlink group named by its first member in sorted order (the
+    walk order of two filesystems may differ)."""
+    members: dict[object, list[str]] = {}
+    for name, entry in snapshot.items():
+        if entry[-1] is not None:
+            members.setdefault(entry[-1], []).append(name)
+    return {name: (*entry[:-1], min(members[entry[-1]]) if entry[-1] is not None else None)
+            for name, entry in snapshot.items()}
