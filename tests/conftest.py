@@ -42,6 +42,20 @@ def kernel_has_filesystem(name: str) -> bool:
         return any(line.split()[-1] == name for line in listing if line.strip())
 
 
+def holds_user_xattrs(directory: Path) -> bool:
+    """Whether directory's filesystem keeps user.* xattrs (tmpfs does from Linux 6.6 only;
+    the aufs guest runs 6.1)."""
+    probe = directory / ".user-xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
 @pytest.fixture(params=["native", "fallback"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
     """Each low-level implementation in turn (multidict's pattern)."""

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import aufs
 from aufs.archive.changes import layered_changes, tree_changes
 from aufs.archive.idmap import IdentityMapping, IDMap
-from conftest import IS_ROOT, Harness, backend_unavailable
+from conftest import IS_ROOT, Harness, backend_unavailable, holds_user_xattrs
 from tarbuild import archive, directory, member, tree_snapshot
 
 A, C, D = aufs.ChangeKind.ADD, aufs.ChangeKind.MODIFY, aufs.ChangeKind.DELETE
@@ -247,18 +247,6 @@ def test_attributes_round_trip(driver: aufs.Driver, harness: Harness) -> None:
     if holds_user_xattrs(ping.parent):  # tmpfs has user.* xattrs from Linux 6.6 only
         assert os.getxattr(ping, "user.comment") == b"hello"
     assert os.stat(Path(driver.store.diff_path("two"), "d")).st_mtime == 1_600_000_000
-
-
-def holds_user_xattrs(directory: Path) -> bool:
-    probe = directory / ".user-xattr-probe"
-    probe.touch()
-    try:
-        os.setxattr(probe, "user.probe", b"1")
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-    return True
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="chown to mapped ids needs root")
