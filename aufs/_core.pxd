@@ -78,5 +78,7 @@ cdef extern from "aufs_core.h" nogil:
 
     int aufs_tar_parse_header(const unsigned char *block, aufs_tar_header *header)
 
+    uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size)
+
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                             char *error_path, size_t error_path_size)

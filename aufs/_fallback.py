@@ -170,6 +170,17 @@ def mount(
         raise _os_error(_last_errno(), target)
 
 
+CLONE_FS = 0x200
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) for the calling thread (CLONE_FS: a working directory of its own). Pure
+    Python on both paths: it is called once per thread, never in a hot loop."""
+    if _libc.unshare(flags) != 0:
+        raise _os_error(_last_errno(), "unshare")
+
+
 def unmount(target: PathArg, flags: int = 0) -> None:
     """umount2(2) with the given MNT_* flags."""
     if _libc.umount2(_encode(target, "unmount target"), flags) != 0:
@@ -558,3 +569,31 @@ def parse_tar_header(block: bytes | memoryview) -> TarFields:
         parse_tar_number(block[337:345], "devminor") if devices else 0,
         block[257:265] == b"ustar  \0",
     )
+
+
+# ---- tar-split's file checksum -----------------------------------------------------------------
+
+_CRC64_ISO_REFLECTED = 0xD800000000000000
+
+
+def _crc64_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ _CRC64_ISO_REFLECTED if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC64_TABLE = _crc64_table()
+
+
+def crc64_iso(crc: int, data: bytes | memoryview) -> int:
+    """Go's crc64.Update with the ISO table (what tar-split stores for each file): pass 0
+    first, then the previous result."""
+    table = _CRC64_TABLE
+    crc ^= 0xFFFFFFFFFFFFFFFF
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFFFFFFFFFF

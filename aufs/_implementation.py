@@ -36,6 +36,7 @@ else:
 IMPLEMENTATION: str = _chosen.IMPLEMENTATION
 IOQueue = _chosen.IOQueue
 aufs_mount_data = _chosen.aufs_mount_data
+crc64_iso = _chosen.crc64_iso
 directory_size = _chosen.directory_size
 finish_file = _chosen.finish_file
 fs_magic = _chosen.fs_magic
@@ -49,11 +50,13 @@ parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
 unmount = _chosen.unmount
+unshare = _fallback.unshare  # pure Python on both paths
 
 __all__ = [
     "IMPLEMENTATION",
     "IOQueue",
     "aufs_mount_data",
+    "crc64_iso",
     "directory_size",
     "finish_file",
     "fs_magic",
@@ -67,4 +70,5 @@ __all__ = [
     "parse_tar_number",
     "renameat2",
     "unmount",
+    "unshare",
 ]

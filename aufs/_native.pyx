@@ -254,6 +254,15 @@ def parse_tar_header(const unsigned char[::1] block):
             bool(header.gnu))
 
 
+def crc64_iso(uint64_t crc, const unsigned char[::1] data):
+    """Go's crc64.Update with the ISO table (tar-split's file checksum), without the GIL."""
+    cdef const unsigned char *start = &data[0] if data.shape[0] else NULL
+    cdef size_t size = data.shape[0]
+    with nogil:
+        crc = core.aufs_crc64_iso(crc, start, size)
+    return crc
+
+
 def finish_file(int fd, const unsigned char[::1] data, owner, int mode, int64_t atime_ns,
                 int64_t mtime_ns, str name):
     """Write data into fd, chown to owner (None: leave it), chmod, set times, close: one

@@ -7,16 +7,18 @@ same shape when debootstrap cannot run here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aufs
-from benchmarks.common import report, tmpfs_scratch
+from benchmarks.common import peak_rss_kib, report, report_memory, tmpfs_scratch
 from benchmarks.tree import build_tree
 
 CACHE = Path(os.environ.get("AUFS_BENCH_CACHE", "/var/cache/aufs-bench"))
@@ -74,8 +76,40 @@ def main(arguments: list[str]) -> None:
 
         gnu_x, ours_x = _alternating(gnu_extract, our_apply, repeat, scratch, driver)
         report("apply a layer (ratio to GNU tar -x)",
-               [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 1.3")],
+               [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 0.9")],
                gnu_x)
+        target = scratch / "gnu-memory"
+        target.mkdir()
+        report_memory("apply a layer, peak RSS of the child (goal < 100 MiB)", [
+            ("tar -x (peer)", peak_rss_kib(["tar", "--numeric-owner", "-xpf", str(layer_tar),
+                                            "-C", str(target)]), ""),
+            ("Driver.apply_diff", peak_rss_kib([sys.executable, "-m", "benchmarks.child",
+                                                "apply", str(layer_tar),
+                                                str(scratch / "memory-store")]), ""),
+        ])
+        shutil.rmtree(target)
+        _remove_store(scratch / "memory-store")
+
+        digest = hashlib.sha256()
+        with open(layer_tar, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        diff_id = "sha256:" + digest.hexdigest()
+
+        def our_apply_recorded() -> None:  # as import and pull do: the caller hashes
+            layer = f"layer-{next(counter)}"
+            driver.create(layer)
+            with open(layer_tar, "rb") as stream:
+                driver.apply_diff(layer, "", stream, record=diff_id)
+
+        plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver)
+        report("apply a layer, recording its tar-split (ratio to apply without)",
+               [("Driver.apply_diff (peer)", plain, ""),
+                ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
+
+        driver.create("recorded")
+        with open(layer_tar, "rb") as stream:
+            driver.apply_diff("recorded", "", stream, record=diff_id)
 
         driver.create("exported")
         with open(layer_tar, "rb") as stream:
@@ -93,7 +127,21 @@ def main(arguments: list[str]) -> None:
 
         gnu_c, ours_c = _alternating(gnu_create, our_diff, repeat, scratch)
         report("diff a layer, read through a pipe (ratio to GNU tar -c)",
-               [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 1.3")], gnu_c)
+               [("tar -c (peer)", gnu_c, ""), ("Driver.diff", ours_c, "goal <= 0.9")], gnu_c)
+
+        def replayed_diff() -> None:
+            with driver.diff("recorded") as stream:
+                drain(stream)
+
+        def check_only() -> None:
+            assert driver.verified_diff_id("recorded") == diff_id
+
+        fresh, replayed = _alternating(our_diff, replayed_diff, repeat, scratch)
+        _, checked = _alternating(our_diff, check_only, repeat, scratch)
+        report("diff of a recorded layer: checked, then replayed (ratio to a fresh diff)",
+               [("Driver.diff, fresh tar (peer)", fresh, ""),
+                ("Driver.diff, exact (check + replay)", replayed, ""),
+                ("  of which the check (walk + hash)", checked, "")], fresh)
         driver.cleanup()
 
 
@@ -116,3 +164,8 @@ def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int
                 if layer.startswith("layer-"):
                     driver.remove(layer)
     return statistics.median(timings[0]), statistics.median(timings[1])
+
+
+def _remove_store(path: Path) -> None:
+    aufs.Driver(path, backend="overlay").cleanup()
+    shutil.rmtree(path)

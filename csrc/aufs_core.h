@@ -130,6 +130,11 @@ struct aufs_tar_header {
 /* 0, -EBADMSG (checksum), -EINVAL or -ERANGE (a field): then ask the spec for the reason. */
 int aufs_tar_parse_header(const unsigned char *block, struct aufs_tar_header *header);
 
+/* ---- crc64.c: tar-split's file checksum ----------------------------------------------------- */
+
+/* Go's crc64.Update with the ISO table: pass 0 first, then the previous result. */
+uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size);
+
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
 
 /*

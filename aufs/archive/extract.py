@@ -41,6 +41,7 @@ from aufs.archive.format import (
 )
 from aufs.archive.idmap import IdentityMapping
 from aufs.archive.reader import TarReader
+from aufs.archive.tarsplit import TarSplitRecorder
 from aufs.errors import DiffError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ExtractOptions:
     whiteouts: WhiteoutMode
     id_mapping: IdentityMapping = field(default_factory=IdentityMapping)
     allow_devices: bool = True
+    tar_split: TarSplitRecorder | None = None  # records the archive's layout while unpacking
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Extractor:
         self._owner_of_new_dirs = options.id_mapping.root_pair
 
     def run(self, stream: BinaryIO) -> ExtractResult:
-        reader = TarReader(stream)
+        reader = TarReader(stream, recorder=self.options.tar_split)
         name = "(start of archive)"
         try:
             while True:

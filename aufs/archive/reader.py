@@ -8,7 +8,7 @@ its header or data is an error. Anything after the end-of-archive blocks is read
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from aufs.archive.format import (
     BLOCK,
@@ -30,15 +30,21 @@ from aufs.archive.format import (
     parse_sparse_map_1_0,
 )
 
+if TYPE_CHECKING:
+    from aufs.archive.tarsplit import TarSplitRecorder
+
 MAX_CHAINED_EXTENSIONS = 16
 
 
 class TarReader:
     """Members of an uncompressed tar stream. Call next() for a header, then consume its
-    data with chunks() (or let next() skip it)."""
+    data with chunks() (or let next() skip it). A recorder, if given, is handed every byte
+    consumed and told where each member's data begins and ends."""
 
-    def __init__(self, stream: BinaryIO, buffer_size: int = 1 << 20) -> None:
+    def __init__(self, stream: BinaryIO, buffer_size: int = 1 << 20,
+                 recorder: TarSplitRecorder | None = None) -> None:
         self._stream = stream
+        self._recorder = recorder
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._start = 0
@@ -54,7 +60,7 @@ class TarReader:
         """Reads more; False when the stream is at its end and nothing is buffered."""
         if self._start == self._end:
             self._start = self._end = 0
-        elif self._start > len(self._buffer) // 2:
+        elif self._start > len(self._buffer) // 2 or self._end == len(self._buffer):
             self._compact()
         self._fill_once()
         return self._start < self._end
@@ -69,6 +75,8 @@ class TarReader:
                 raise TarFormatError("the archive ends inside a header")
         data = bytes(self._view[self._start:self._start + size])
         self._start += size
+        if self._recorder is not None:
+            self._recorder.consume(data)
         return data
 
     def _skip(self, size: int, *, may_end: bool) -> None:
@@ -78,6 +86,8 @@ class TarReader:
                     return
                 raise TarFormatError("the archive ends inside a member's data")
             step = min(size, self._end - self._start)
+            if self._recorder is not None:
+                self._recorder.consume(self._view[self._start:self._start + step])
             self._start += step
             size -= step
 
@@ -94,6 +104,8 @@ class TarReader:
             self._start += step
             self._data_left -= step
             wanted -= step
+            if self._recorder is not None:
+                self._recorder.consume(piece)
             yield piece
 
     def buffered_data(self) -> memoryview | None:
@@ -110,6 +122,8 @@ class TarReader:
         view = self._view[self._start:self._start + size]
         self._start += size
         self._data_left = 0
+        if self._recorder is not None:
+            self._recorder.consume(view)
         return view
 
     def _compact(self) -> None:
@@ -119,8 +133,8 @@ class TarReader:
 
     def _fill_once(self) -> bool:
         """One read into the free tail of the buffer; False at the end of the stream."""
-        if self._eof:
-            return False
+        if self._eof or self._end == len(self._buffer):
+            return False  # a full buffer is not the end of the stream
         count = self._stream.readinto(self._view[self._end:])  # type: ignore[attr-defined]
         if not count:
             self._eof = True
@@ -134,6 +148,8 @@ class TarReader:
             data = bytes(self._view[self._start:self._start + size])
             self._start += size
             self._data_left -= size
+            if self._recorder is not None:
+                self._recorder.consume(data)
             return data
         return b"".join(bytes(piece) for piece in self.chunks(size))
 
@@ -145,6 +161,8 @@ class TarReader:
         """The next member's header with its extensions applied; None at the end."""
         self._skip(self._data_left, may_end=False)
         self._data_left = 0
+        if self._recorder is not None:
+            self._recorder.end_file()
         self._skip(self._padding_left, may_end=True)  # a missing last padding is accepted
         self._padding_left = 0
         pax: dict[str, bytes] = {}
@@ -183,6 +201,8 @@ class TarReader:
                 self._read_gnu_sparse_extensions(header, block)
             self._data_left = header.size
             self._padding_left = -header.size % BLOCK
+            if self._recorder is not None:
+                self._recorder.begin_file(header)
             if header.sparse == [] and "GNU.sparse.major" in pax:
                 self._read_sparse_map(header)
             return header
@@ -229,4 +249,6 @@ class TarReader:
         if block is not None and block != ZERO_BLOCK:
             raise TarFormatError("a zero block in the middle of the archive")
         while self._fill():
+            if self._recorder is not None:  # kept: the layer's digest covers it
+                self._recorder.consume(self._view[self._start:self._end])
             self._start = self._end

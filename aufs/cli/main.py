@@ -9,13 +9,16 @@ import json
 import logging
 import os
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
 from aufs import _implementation as native
 from aufs import machine
 from aufs.cli.progress import Progress
+from aufs.cli.sizes import human_size
 from aufs.errors import AufsError, NotSupportedError
+from aufs.images import inflaters
 from aufs.images.digests import HashingReader, buffered
 from aufs.store.backends import BACKENDS
 from aufs.store.driver import Driver
@@ -27,12 +30,17 @@ class CommandError(AufsError):
     """A command that cannot do what was asked; the message says what to do."""
 
 
+class UsageError(CommandError):
+    """Options that do not go together: exit status 2, as argparse's own usage errors."""
+
+
 class LayerListing(NamedTuple):
     id: str
     parent: str
-    size: int
+    size: int | None  # None when the content is missing
     mounted: bool
     tags: tuple[str, ...]
+    broken: str = ""  # why the layer cannot be used, or ""
 
 
 def default_root() -> str:
@@ -86,11 +94,15 @@ def command_info(arguments: argparse.Namespace) -> int:
         except NotSupportedError as error:
             backends.append({"name": name, "usable": False, "why": error.reason or str(error)})
     reports = machine.describe()
+    inflater = inflaters.GZIP_INFLATER
     if arguments.json:
         _print_json({"implementation": native.IMPLEMENTATION, "backends": backends,
+                     "inflater": {"name": inflater.name, "version": inflater.version},
                      "machine": [report.__dict__ for report in reports]})
         return 0
     print(f"implementation: {native.IMPLEMENTATION}")
+    hint = "" if inflater.name == "isal" else " (pip install 'aufs[fast]' for ISA-L's)"
+    print(f"gzip inflater: {inflater.name} {inflater.version}{hint}")
     print("backends:")
     for backend in backends:
         state = "usable" if backend["usable"] else f"not usable: {backend['why']}"
@@ -109,13 +121,19 @@ def command_ls(arguments: argparse.Namespace) -> int:
     layers = []
     children: dict[str, list[str]] = {}
     for layer in driver.layer_ids():
-        parents = driver.parent_ids(layer)
+        broken = ""
+        try:
+            parents = driver.parent_ids(layer)
+        except AufsError:
+            parents, broken = [], "unreadable layers file"
+        try:
+            size: int | None = native.directory_size(driver.store.diff_path(layer))
+        except FileNotFoundError:
+            size, broken = None, "content missing"
         parent = parents[0] if parents else ""
         children.setdefault(parent, []).append(layer)
-        layers.append(LayerListing(layer, parent,
-                                   native.directory_size(driver.store.diff_path(layer)),
-                                   driver.is_mounted(layer),
-                                   tuple(sorted(tags_by_layer.get(layer, [])))))
+        layers.append(LayerListing(layer, parent, size, driver.is_mounted(layer),
+                                   tuple(sorted(tags_by_layer.get(layer, []))), broken))
     if arguments.json:
         _print_json([layer._asdict() for layer in layers])
         return 0
@@ -124,13 +142,20 @@ def command_ls(arguments: argparse.Namespace) -> int:
     def show(layer_id: str, depth: int) -> None:
         layer = by_id[layer_id]
         marks = " mounted" if layer.mounted else ""
+        if layer.broken:
+            marks += f" broken ({layer.broken}; see aufs fsck)"
         tags = f" [{', '.join(layer.tags)}]" if layer.tags else ""
-        print(f"{'  ' * depth}{layer_id[:16]}  {layer.size:>10} B{marks}{tags}")
+        size = "-" if layer.size is None else human_size(layer.size)
+        print(f"{'  ' * depth}{layer_id[:16]}  {size:>9}{marks}{tags}")
         for child in sorted(children.get(layer_id, [])):
             show(child, depth + 1)
 
-    for base in sorted(children.get("", [])):
-        show(base, 0)
+    for parent in sorted(children):  # "" first; then chains whose parent is gone
+        if parent not in by_id:
+            if parent:
+                print(f"(missing layer {parent[:16]}; see aufs fsck)")
+            for base in sorted(children[parent]):
+                show(base, 1 if parent else 0)
     if not layers:
         print(f"no layers in {driver.root}; add some with `aufs import`")
     return 0
@@ -191,10 +216,20 @@ def _output(path: str) -> Iterator[BinaryIO]:
     if path == "-":
         yield sys.stdout.buffer
         return
+    if os.path.isdir(path):
+        raise CommandError(f"{path} is a directory; give a file name, or - for stdout")
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "wb") as handle:  # a device or a pipe: write into it, never replace it
+            yield handle
+        return
     temporary = path + ".partial"
-    with open(temporary, "wb") as handle:
-        yield handle
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 def command_diff(arguments: argparse.Namespace) -> int:
@@ -224,7 +259,10 @@ def command_apply(arguments: argparse.Namespace) -> int:
     finally:
         if source is not sys.stdin.buffer:
             source.close()
-    _print_json({"layer": arguments.layer, "size": size}) if arguments.json else print(size)
+    if arguments.json:
+        _print_json({"layer": arguments.layer, "size": size})
+    else:
+        print(human_size(size))
     return 0
 
 
@@ -249,7 +287,10 @@ def command_du(arguments: argparse.Namespace) -> int:
         layer = _resolve_layer(driver, target)
         parents = driver.parent_ids(layer)
         size = driver.diff_size(layer, parents[0] if parents else "")  # the layer's own
-    _print_json({"target": target, "size": size}) if arguments.json else print(size)
+    if arguments.json:
+        _print_json({"target": target, "size": size})
+    else:
+        print(human_size(size))
     return 0
 
 
@@ -311,17 +352,30 @@ def command_rescue(arguments: argparse.Namespace) -> int:
 def command_fsck(arguments: argparse.Namespace) -> int:
     from aufs.images import fsck
 
+    if arguments.force and not arguments.repair:
+        raise UsageError("--force goes with --repair: aufs fsck --repair --force")
     root = os.path.abspath(arguments.root)
+    if not os.path.isdir(os.path.join(root, "layers")):
+        raise CommandError(f"{root} is no layer store (it has no layers/ dir); give the "
+                           "store with --root or AUFS_ROOT")
     if arguments.repair:
-        repaired, remaining = fsck.repair(root)
+        repaired, remaining = fsck.repair(root, force=arguments.force)
     else:
         repaired, remaining = [], fsck.check(root)
+    removed_layers = [p.subject for p in repaired if p.code == "removed-layer"]
+    removed_tags = [p.subject for p in repaired if p.code == "dangling-tag"]
     if arguments.json:
         _print_json({"repaired": [p.__dict__ for p in repaired],
-                     "problems": [p.__dict__ for p in remaining]})
+                     "problems": [p.__dict__ for p in remaining],
+                     "removed_layers": removed_layers, "removed_tags": removed_tags})
     else:
         for problem in repaired:
-            print(f"repaired {problem.code}: {problem.path}")
+            if problem.code == "removed-layer":
+                print(f"removed layer {problem.subject} ({problem.message})")
+            elif problem.code == "dangling-tag":
+                print(f"removed tag {problem.subject} ({problem.message})")
+            else:
+                print(f"repaired {problem.code}: {problem.path}")
         for problem in remaining:
             print(problem)
         if not remaining:
@@ -381,6 +435,12 @@ def command_push(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_docker_plugin(arguments: argparse.Namespace) -> int:
+    from aufs.cli.docker_plugin import command_docker_plugin
+
+    return command_docker_plugin(arguments)
+
+
 def command_demo(arguments: argparse.Namespace) -> int:
     from aufs.cli.demo import run_demo
 
@@ -414,11 +474,22 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], str, str]] = [
      "aufs pull registry.example.com/team/app:1.2 --tag app"),
     ("push", command_push, "push a tag or top layer to a registry",
      "aufs push app registry.example.com/team/app:1.2"),
-    ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe",
-     "aufs fsck --repair"),
+    ("fsck", command_fsck, "check the store's invariants; --repair fixes what is safe, "
+     "--repair --force also removes broken layers", "aufs fsck --repair"),
+    ("docker-plugin", command_docker_plugin, "serve Docker's graphdriver plugin protocol",
+     "aufs docker-plugin --name aufs & dockerd --experimental --storage-driver aufs"),
     ("demo", command_demo, "import the sample image, mount, change, export, clean up",
      "aufs demo"),
 ]
+
+
+class _RootOption(argparse.Action):
+    """Stores --root and notes that it was given (docker-plugin otherwise uses Docker's)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        namespace.root = values
+        namespace.root_given = True
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -429,7 +500,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         return value if defaults else argparse.SUPPRESS
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=default(default_root()),
+    common.add_argument("--root", default=default(default_root()), action=_RootOption,
                         help="the store (default: $AUFS_ROOT, /var/lib/aufs as root, else "
                              "~/.local/share/aufs)")
     common.add_argument("--backend", default=default("auto"), choices=["auto", *BACKENDS],
@@ -488,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="upload in chunks of this many bytes (0: whole)")
     parsers["fsck"].add_argument("--repair", action="store_true",
                                  help="repair what can be repaired without losing data")
+    parsers["fsck"].add_argument("--force", action="store_true",
+                                 help="with --repair: also remove each broken layer, every "
+                                      "layer built on it and their tags (skipping any that "
+                                      "is mounted or held)")
+    from aufs.cli.docker_plugin import add_arguments as docker_plugin_arguments
+
+    docker_plugin_arguments(parsers["docker-plugin"])
     parsers["rescue"].add_argument("docker_root", help="e.g. /var/lib/docker")
     parsers["rescue"].add_argument("-o", "--output", required=True, help="the OCI layout to write")
     return parser
@@ -498,22 +576,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if arguments.debug else logging.WARNING,
                         format="aufs: %(levelname)s: %(message)s")
     try:
+        _check_output(getattr(arguments, "output", None))
         return int(arguments.handler(arguments))
     except KeyboardInterrupt:
         print("aufs: interrupted", file=sys.stderr)
         return 130
-    except (AufsError, OSError, ValueError) as error:
+    except UsageError as error:
+        print(f"aufs {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # one line, whatever it is; --debug shows the traceback
         if arguments.debug:
             raise
         print(f"aufs: error: {_one_line(error)}", file=sys.stderr)
         return 1
 
 
+def _check_output(path: str | None) -> None:
+    """-o names something we can write: said before any work, in words, not as the errno of
+    a temporary file."""
+    if path is None or path == "-":
+        return
+    if not path:
+        raise UsageError("-o needs a path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CommandError(f"cannot write {path}: {parent} is not a directory")
+
+
 def _one_line(error: BaseException) -> str:
+    text = " ".join((str(error) or type(error).__name__).split())
     if isinstance(error, PermissionError) and os.geteuid() != 0:
-        return f"{error} (mounting and most store changes need root)"
-    text = str(error) or type(error).__name__
-    return " ".join(text.split())
+        return f"{text} (mounting and most store changes need root)"
+    if isinstance(error, (AufsError, OSError, ValueError)):
+        return text
+    if isinstance(error, (zlib.error, EOFError)) or type(error).__name__ == "ZstdError":
+        return f"corrupt compressed data ({text}): the image is damaged; fetch it again"
+    return (f"internal error: {type(error).__name__}: {text} (run again with --debug for "
+            "the traceback, and report it)")
 
 
 if __name__ == "__main__":

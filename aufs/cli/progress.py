@@ -6,13 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} GB"
+from aufs.cli.sizes import human_size
 
 
 class Progress:
@@ -47,8 +41,8 @@ class Progress:
         done = f"{self.layers}/{self.total_layers}" if self.total_layers else str(self.layers)
         rate = self.bytes / max(now - self._started, 1e-6)
         self.stream.write(f"\r{self.label}: {done} layers done, this layer "
-                          f"{_size(self.layer_bytes)}, {_size(self.bytes)} in all "
-                          f"({_size(rate)}/s)   ")
+                          f"{human_size(self.layer_bytes)}, {human_size(self.bytes)} in "
+                          f"all ({human_size(rate)}/s)   ")
         self.stream.flush()
 
     def done(self) -> None:

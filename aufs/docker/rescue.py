@@ -11,7 +11,6 @@ files, the config is rewritten, and the result says so.
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import json
@@ -21,9 +20,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from aufs.archive.export import ExportOptions, write_tree
+from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
+from aufs.archive.tarsplit import read_entries, replay
 from aufs.errors import AufsError
 from aufs.images.digests import chain_ids, parse_digest
 from aufs.images.sources import REF_NAME
@@ -49,38 +49,6 @@ class RescuedImage:
     diff_ids: list[str]
     exact: bool  # every layer rebuilt byte for byte from tar-split
     notes: list[str] = field(default_factory=list)
-
-
-def replay_tar_split(journal: BinaryIO, files: FileGetter, out: BinaryIO) -> str:
-    """Writes the original tar from a tar-split journal; returns its sha256 digest."""
-    digest = hashlib.sha256()
-    for number, line in enumerate(journal, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError as error:
-            raise RescueError(f"tar-split line {number} is not JSON: {error}") from None
-        if entry.get("type") == 2:  # raw bytes: headers, padding, the end blocks
-            chunk = base64.b64decode(entry.get("payload") or "")
-            digest.update(chunk)
-            out.write(chunk)
-        elif entry.get("type") == 1:  # a file's contents, read from the layer dir
-            size = int(entry.get("size") or 0)
-            if not size:
-                continue
-            with files.get(entry["name"]) as handle:
-                remaining = size
-                while remaining:
-                    chunk = handle.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        raise RescueError(f"{entry['name']} is shorter than tar-split says")
-                    digest.update(chunk)
-                    out.write(chunk)
-                    remaining -= len(chunk)
-        else:
-            raise RescueError(f"tar-split line {number} has unknown type {entry.get('type')}")
-    return "sha256:" + digest.hexdigest()
 
 
 class DockerAufsRoot:
@@ -222,12 +190,12 @@ def _rescue_layer(source: DockerAufsRoot, chain_id: str, diff_id: str, blobs: st
     if not os.path.isdir(branch):
         raise RescueError(f"aufs/diff/{cache_id} is missing: the layer's files are gone")
     partial = target + ".partial"
-    journal_path = os.path.join(source.layer_dir(chain_id), "tar-split.json.gz")
+    journal_path = os.path.join(source.layer_dir(chain_id), TAR_SPLIT_FILE)
     note = ""
     try:
         with gzip.open(journal_path, "rb") as journal, FileGetter(branch) as files, \
                 open(partial, "wb") as out:
-            rebuilt = replay_tar_split(journal, files, out)  # type: ignore[arg-type]
+            rebuilt = replay(read_entries(journal), files, out.write)  # type: ignore[arg-type]
         if rebuilt != diff_id:
             note = f"the tar-split rebuild gives {rebuilt[:19]}, not the recorded diff_id"
     except FileNotFoundError as error:

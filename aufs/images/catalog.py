@@ -37,13 +37,14 @@ class Catalog:
         try:
             with open(self.index_path) as handle:
                 data = json.load(handle)
+            return {name: Tag(name, entry["top"], entry["config"])
+                    for name, entry in data.get("tags", {}).items()}
         except FileNotFoundError:
             return {}
-        except ValueError as error:
-            raise AufsError(f"{self.index_path} is corrupt ({error}); restore it or delete it "
-                            "(the layers stay, only the tags are lost)") from None
-        return {name: Tag(name, entry["top"], entry["config"])
-                for name, entry in data.get("tags", {}).items()}
+        except (ValueError, AttributeError, TypeError, KeyError) as error:  # not our shape
+            raise AufsError(f"{self.index_path} is corrupt ({type(error).__name__}: {error}); "
+                            "restore it or delete it (the layers stay, only the tags are "
+                            "lost)") from None
 
     def _write(self, tags: dict[str, Tag]) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -62,6 +63,24 @@ class Catalog:
             os.makedirs(self.store.staging_dir, mode=0o700, exist_ok=True)
             atomic_write(path, config, temp_dir=self.store.staging_dir)
         return digest
+
+    def save_manifest(self, config_digest: str, manifest: bytes) -> None:
+        """The manifest an image came with, kept by its config digest: a push that offers
+        the very same blobs sends it unchanged, so the image keeps its manifest digest."""
+        path = os.path.join(self.directory, "manifests",
+                            config_digest.removeprefix("sha256:") + ".json")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.makedirs(self.store.staging_dir, mode=0o700, exist_ok=True)
+        atomic_write(path, manifest, temp_dir=self.store.staging_dir)
+
+    def manifest(self, config_digest: str) -> bytes | None:
+        try:
+            with open(os.path.join(self.directory, "manifests",
+                                   config_digest.removeprefix("sha256:") + ".json"),
+                      "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
 
     def config(self, digest: str) -> bytes:
         with open(os.path.join(self.configs, digest.removeprefix("sha256:") + ".json"),

@@ -1,5 +1,6 @@
 """Layer compression: recognise gzip, zstd or none, and decompress while reading.
 
+gzip goes through aufs.images.inflaters (ISA-L when the `fast` extra is installed, else zlib).
 Decompression and both digests run on a thread of their own: zlib and hashlib release the
 GIL, so they overlap with unpacking on the other core (faster here than a gzip child
 process). zstd needs the optional `zstandard` package (`pip install aufs[zstd]`).
@@ -15,10 +16,11 @@ import shutil
 import subprocess
 import threading
 import zlib
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, cast
 
 from aufs.errors import AufsError
+from aufs.images import inflaters
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -38,48 +40,124 @@ def detect(head: bytes) -> str:
     return "none"
 
 
-class _Inflater:
-    """gzip (all members) or zstd, one chunk at a time; none passes data through."""
+# Every decompression step yields at most STEP bytes, whatever the ratio: a 1 MiB gzip of
+# 1 GiB of zeros streams through in STEP-sized pieces. The queue holds at most QUEUE of them.
+STEP = 1 << 18
+QUEUE = 8
+READ = 1 << 20
+_INPUT_SLICE = 1 << 16  # compressed input per zlib call: its unconsumed tail is copied each step
 
-    def __init__(self, kind: str) -> None:
-        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS) if kind == "gzip" else None
-        self._zstd: Any = None
-        if kind == "zstd":
-            try:
-                import zstandard  # type: ignore[import-not-found, unused-ignore]
-            except ImportError:
-                raise CompressionError("this layer is zstd-compressed: install the zstd extra "
-                                       "(pip install 'aufs[zstd]')") from None
-            self._zstd = zstandard.ZstdDecompressor().decompressobj()
 
-    def feed(self, data: bytes) -> bytes:
-        if self._zstd is not None:
-            return bytes(self._zstd.decompress(data))
-        if self._zlib is None:
-            return data
-        out = [self._zlib.decompress(data)]
-        while self._zlib.eof and self._zlib.unused_data.strip(b"\0"):  # another gzip member
-            rest = self._zlib.unused_data
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out.append(self._zlib.decompress(rest))
-        return b"".join(out)
+class _RawBlob:
+    """The stored bytes of a blob as a file, hashed and counted as they are read."""
 
-    def finish(self) -> None:
-        if self._zlib is not None and not self._zlib.eof:
-            raise CompressionError("the gzip stream ends early")
+    def __init__(self, source: BinaryIO, head: bytes, owner: DecompressingReader,
+                 on_bytes: Callable[[int], None] | None) -> None:
+        self._source = source
+        self._head = head
+        self._owner = owner
+        self._on_bytes = on_bytes
+
+    def read(self, size: int = READ) -> bytes:
+        if self._owner._stop.is_set():
+            return b""
+        if self._head:
+            chunk, self._head = self._head, b""
+        else:
+            chunk = self._source.read(min(size, READ) if size > 0 else READ)
+        if chunk:
+            self._owner.stored_hash.update(chunk)
+            self._owner.stored_bytes += len(chunk)
+            if self._on_bytes is not None:
+                self._on_bytes(len(chunk))
+        return chunk
+
+    def chunks(self) -> Iterator[bytes]:
+        while chunk := self.read(READ):
+            yield chunk
+
+
+def _gunzip(raw: _RawBlob) -> Iterator[bytes]:
+    """gzip, every member, in pieces of at most STEP bytes. Zero bytes after the last member
+    are ignored (some writers pad); anything else there is an error, as in Go and Docker."""
+    inflater = inflaters.new_gzip_decompressor()
+    ended = padded = False
+    for chunk in raw.chunks():
+        for start in range(0, len(chunk), _INPUT_SLICE):
+            data = chunk[start:start + _INPUT_SLICE]
+            while True:
+                if ended:
+                    if not data.strip(b"\0"):
+                        padded = padded or bool(data)
+                        break
+                    if padded or not data.startswith(GZIP_MAGIC[:1]):
+                        raise CompressionError("garbage after the end of the gzip stream")
+                    inflater = inflaters.new_gzip_decompressor()
+                    ended = False
+                try:
+                    out = inflater.decompress(data, STEP)
+                except inflaters.ERRORS as error:
+                    raise CompressionError(_zlib_problem(error)) from None
+                if out:
+                    yield out
+                if inflater.eof:
+                    ended, data = True, inflater.unused_data
+                    continue
+                data = inflater.unconsumed_tail
+                if not data and len(out) < STEP:
+                    break
+    if not ended:
+        raise CompressionError("truncated: the gzip stream ends early")
+
+
+def _zlib_problem(error: Exception) -> str:
+    text = str(error)
+    if "incorrect data check" in text or "Incorrect checksum" in text:
+        return "gzip data check failed (CRC-32)"
+    if "incorrect length check" in text or "Incorrect length" in text:
+        return "gzip length check failed"
+    return f"gzip data is corrupt ({text.split(': ', 1)[-1]})"
+
+
+def _unzstd(raw: _RawBlob) -> Iterator[bytes]:
+    """zstd, every frame, in pieces of at most STEP bytes."""
+    try:
+        import zstandard  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        raise CompressionError("this layer is zstd-compressed: install the zstd extra "
+                               "(pip install 'aufs[zstd]')") from None
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(BinaryIO, raw), read_size=_INPUT_SLICE, read_across_frames=True, closefd=False)
+    while True:
+        try:
+            out = reader.read(STEP)
+        except zstandard.ZstdError as error:
+            raise CompressionError(f"zstd data is corrupt ({error})") from None
+        if not out:
+            return
+        yield bytes(out)
+
+
+def decompressed(kind: str, raw: _RawBlob) -> Iterator[bytes]:
+    if kind == "gzip":
+        return _gunzip(raw)
+    if kind == "zstd":
+        return _unzstd(raw)
+    return raw.chunks()
 
 
 class DecompressingReader(io.RawIOBase):
-    """The uncompressed stream of a blob. A thread reads the blob, hashes it, decompresses
-    and hashes the result (zlib and hashlib release the GIL), so the reader's thread only
-    unpacks. The two digests are ready once the stream has been read to its end."""
+    """The uncompressed stream of a blob. A thread reads the blob, hashes it and inflates
+    it (zlib, ISA-L and hashlib release the GIL); the reader's thread hashes what it takes
+    and unpacks. The two digests are ready once the stream has been read to its end. Reads
+    never wait on a producer that has stopped: after close() they raise."""
 
     def __init__(self, source: BinaryIO, on_bytes: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.stored_hash = hashlib.sha256()
         self.content_hash = hashlib.sha256()
         self.stored_bytes = 0
-        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(8)
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE)
         self._pending = memoryview(b"")
         self._finished = False
         self._stop = threading.Event()
@@ -89,19 +167,12 @@ class DecompressingReader(io.RawIOBase):
 
     def _run(self, source: BinaryIO, on_bytes: Callable[[int], None] | None) -> None:
         try:
-            chunk = source.read(1 << 20)
-            inflater = _Inflater(detect(chunk[:4]))
-            while chunk and not self._stop.is_set():
-                self.stored_hash.update(chunk)
-                self.stored_bytes += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-                data = inflater.feed(chunk)
-                if data:
-                    self.content_hash.update(data)
-                    self._put(data)
-                chunk = source.read(1 << 20)
-            inflater.finish()
+            head = source.read(READ)
+            raw = _RawBlob(source, head, self, on_bytes)
+            for piece in decompressed(detect(head[:4]), raw):
+                if self._stop.is_set():
+                    return
+                self._put(piece)
             self._put(None)
         except BaseException as error:  # handed to the reader
             self._put(error)
@@ -121,18 +192,33 @@ class DecompressingReader(io.RawIOBase):
         while not self._pending:
             if self._finished:
                 return 0
-            item = self._queue.get()
+            item = self._next_item()
             if item is None:
                 self._finished = True
                 return 0
             if isinstance(item, BaseException):
                 self._finished = True
                 raise item
+            # hashed here, on the reader's thread: the inflating thread is the slower of
+            # the two (hash and inflate there took 0.9 s of CPU against 0.4 s of unpacking
+            # for the Debian image), and hashlib releases the GIL
+            self.content_hash.update(item)
             self._pending = memoryview(item)
         count = min(len(buffer), len(self._pending))
         buffer[:count] = self._pending[:count]
         self._pending = self._pending[count:]
         return count
+
+    def _next_item(self) -> bytes | BaseException | None:
+        while True:
+            if self._stop.is_set():
+                raise ValueError("read from a closed DecompressingReader")
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise CompressionError("the decompressing thread ended without a "
+                                           "result") from None
 
     def drain(self) -> None:
         """Reads what is left, so that both digests cover the whole blob."""

@@ -14,6 +14,11 @@ class DigestMismatchError(AufsError):
     """Content does not match the digest its manifest or config promised."""
 
 
+class CorruptBlobError(DigestMismatchError):
+    """A layer blob does not match its digests, or cannot be decompressed or unpacked. The
+    message is one line: the blob's digest, what is wrong, and what to do."""
+
+
 def parse_digest(digest: str) -> str:
     """The hex part of a sha256 digest; anything else is refused."""
     algorithm, _, hex_part = digest.partition(":")

@@ -13,6 +13,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aufs.images.catalog import Catalog
 from aufs.images.compression import gzip_stream, zstd_stream
@@ -48,10 +49,14 @@ def _sha256_file(path: str) -> tuple[str, int]:
 
 
 def image_config(catalog: Catalog, tag_config: str | None, diff_ids: list[str]) -> bytes:
-    """The image's config (the imported one, if there is one) with these diff_ids."""
+    """The image's config (the imported one, if there is one) with these diff_ids: the
+    imported bytes themselves when its diff_ids are these, so the image id stays."""
     os_name, architecture = host_platform()
-    config = (json.loads(catalog.config(tag_config)) if tag_config
-              else {"architecture": architecture, "os": os_name, "config": {}})
+    original = catalog.config(tag_config) if tag_config else None
+    config: dict[str, Any] = (json.loads(original) if original is not None
+                              else {"architecture": architecture, "os": os_name, "config": {}})
+    if original is not None and config.get("rootfs", {}).get("diff_ids") == diff_ids:
+        return original
     config["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
     return json.dumps(config, separators=(",", ":")).encode()
 
@@ -66,10 +71,10 @@ class LayerFile:
 
 
 def layer_files(driver: Driver, chain: list[str], work: str, compression: str | None,
-                progress: Progress | None = None) -> list[LayerFile]:
-    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar."""
+                progress: Progress | None = None, parent: str = "") -> list[LayerFile]:
+    """Each layer's diff against its parent, as a file in work: gzip, zstd or plain tar.
+    parent is the first layer's parent."""
     files = []
-    parent = ""
     for layer in chain:
         raw_path = os.path.join(work, f"{layer}.tar")
         with driver.diff(layer, parent) as stream, open(raw_path, "wb") as out:
@@ -109,6 +114,11 @@ def export_image(driver: Driver, catalog: Catalog, reference: str, destination: 
                  image_format: str = "oci", progress: Progress | None = None) -> ExportedImage:
     if image_format not in ("oci", "docker-archive"):
         raise ValueError(f"unknown format {image_format!r}; choose oci or docker-archive")
+    as_directory = image_format == "oci" and not destination.endswith(".tar")
+    if os.path.lexists(destination) and (as_directory or not os.path.isfile(destination)):
+        # a rename onto a device or a dir would replace it: only a regular file is rewritten
+        raise FileExistsError(f"{destination} exists" + ("" if as_directory else
+                              " and is no regular file") + "; remove it or choose another -o")
     top, tag = catalog.resolve(reference)
     chain = [*reversed(driver.parent_ids(top)), top]
     name = tag.name if tag is not None else top[:12]

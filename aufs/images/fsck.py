@@ -18,15 +18,15 @@ def check_tags(store: Store, ids: set[str]) -> list[Problem]:
         return [Problem("corrupt-tag-index", catalog.index_path, str(error),
                         "delete the index (tags are lost, layers stay)", False)]
     return [Problem("dangling-tag", catalog.index_path, f"tag {tag.name!r} names missing "
-                    f"layer {tag.top[:12]}", "remove the tag", True)
+                    f"layer {tag.top[:12]}", "remove the tag", True, tag.name)
             for tag in tags.values() if tag.top not in ids]
 
 
-def remove_dangling_tags(store: Store, problem: Problem) -> None:
+def remove_dangling_tag(store: Store, problem: Problem) -> None:
     catalog = Catalog(store)
-    for tag in catalog.tags().values():
-        if not store.exists(tag.top):
-            catalog.remove_tag(tag.name)
+    tag = catalog.tags().get(problem.subject)
+    if tag is not None and not store.exists(tag.top):
+        catalog.remove_tag(tag.name)
 
 
 def check(root: str) -> list[Problem]:
@@ -34,6 +34,10 @@ def check(root: str) -> list[Problem]:
     return store_fsck.check(root, (check_tags,))
 
 
-def repair(root: str) -> tuple[list[Problem], list[Problem]]:
-    """Repairs every safe problem of the store and its tags; returns (repaired, still there)."""
-    return store_fsck.repair(root, (check_tags,), {"dangling-tag": remove_dangling_tags})
+def repair(root: str, *, force: bool = False) -> tuple[list[Problem], list[Problem]]:
+    """Repairs every safe problem of the store and its tags; returns (repaired, still there).
+    force=True also removes broken layers, the layers built on them and the tags that named
+    them (`aufs.store.fsck.repair` says how): the repaired list then holds a "removed-layer"
+    problem for each layer and a "dangling-tag" problem for each tag removed."""
+    return store_fsck.repair(root, (check_tags,), {"dangling-tag": remove_dangling_tag},
+                             force=force)

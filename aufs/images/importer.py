@@ -9,9 +9,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aufs.errors import DiffError
 from aufs.images.catalog import Catalog
-from aufs.images.compression import DecompressingReader
-from aufs.images.digests import HashingReader, buffered, chain_ids, parse_digest, verify_digest
+from aufs.images.compression import CompressionError, DecompressingReader
+from aufs.images.digests import CorruptBlobError, HashingReader, buffered, chain_ids, parse_digest
 from aufs.images.sources import ImageSourceError, LayerBlob, SourceImage, open_images
 from aufs.store.driver import Driver
 from aufs.store.layout import INCOMPLETE_SUFFIX
@@ -72,8 +73,11 @@ def import_image(driver: Driver, catalog: Catalog, image: SourceImage, tag: str 
 
 
 
+IMPORT_ADVICE = "the image source is damaged or was altered: export or download it again"
+
+
 def add_layer(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: str,
-              progress: Progress | None) -> None:
+              progress: Progress | None, advice: str = IMPORT_ADVICE) -> None:
     """Creates `layer` from a blob, checked against its digests. The content goes into a
     temporary layer, renamed only when whole: an interrupted import or pull leaves no
     partial layer under a real id, and the next run starts that layer again."""
@@ -82,7 +86,7 @@ def add_layer(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: st
         driver.remove(temporary, force=True)
     driver.create(temporary, parent)
     try:
-        _apply_verified(driver, temporary, parent, blob, what, progress)
+        _apply_verified(driver, temporary, parent, blob, what, progress, advice)
         driver.rename(temporary, layer)
     except BaseException:
         if driver.exists(temporary):
@@ -91,12 +95,59 @@ def add_layer(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: st
 
 
 def _apply_verified(driver: Driver, layer: str, parent: str, blob: LayerBlob, what: str,
-                    progress: Progress | None) -> None:
+                    progress: Progress | None, advice: str) -> None:
     parse_digest(blob.diff_id)
-    counter = (lambda count: progress("bytes", count)) if progress is not None else None
-    with blob.open() as raw, DecompressingReader(raw, counter) as stream:
-        driver.apply_diff(layer, parent, buffered(stream))
-        stream.drain()
     if blob.digest is not None:
-        verify_digest(stream.stored_hash, blob.digest, f"{what} blob")
-    verify_digest(stream.content_hash, blob.diff_id, f"{what} content (diff_id)")
+        parse_digest(blob.digest)
+    counter = (lambda count: progress("bytes", count)) if progress is not None else None
+    try:
+        with blob.open() as raw, DecompressingReader(raw, counter) as stream:
+            reader = buffered(stream)  # held: dropping it would close the stream under drain()
+            # the tar-split is kept under the diff_id checked below; a layer whose check
+            # fails is removed with its record
+            driver.apply_diff(layer, parent, reader, record=blob.diff_id)
+            stream.drain()
+            reader.close()
+    except (DiffError, CompressionError) as error:
+        found = _diagnose(blob) or str(error)
+        raise CorruptBlobError(_blob_line(blob, what, found, advice)) from error
+    problem = _mismatch(blob, stream.stored_hash.hexdigest(), stream.content_hash.hexdigest())
+    if problem is not None:
+        raise CorruptBlobError(_blob_line(blob, what, problem, advice))
+    if blob.digest is not None and isinstance(blob.size, int) and blob.media_type:
+        # push offers this blob again when the registry has it or can mount it
+        driver.store.write_record_source(layer, {
+            "digest": blob.digest, "size": blob.size, "mediaType": blob.media_type,
+            "repository": blob.repository})
+
+
+def _blob_line(blob: LayerBlob, what: str, problem: str, advice: str) -> str:
+    name = f"blob {blob.digest}" if blob.digest else f"layer {blob.diff_id}"
+    return f"{what}: {name}: {problem}; {advice}"
+
+
+def _mismatch(blob: LayerBlob, stored: str, content: str) -> str | None:
+    if blob.digest is not None and stored != parse_digest(blob.digest):
+        return f"sha256 mismatch: expected {blob.digest} got sha256:{stored}"
+    if content != parse_digest(blob.diff_id):
+        return (f"diff_id mismatch: the uncompressed layer should be {blob.diff_id} but is "
+                f"sha256:{content}")
+    return None
+
+
+def _diagnose(blob: LayerBlob) -> str | None:
+    """Why a blob failed to apply, read again from its start: its digest first (then the
+    damage is in the blob, not in our reading), then its compression, then its diff_id.
+    None when the blob is what it promised to be (the layer's content itself is bad)."""
+    if blob.digest is not None:
+        with blob.open() as raw:
+            stored = HashingReader(raw)
+            stored.drain()
+        if stored.hash.hexdigest() != parse_digest(blob.digest):
+            return f"sha256 mismatch: expected {blob.digest} got sha256:{stored.hash.hexdigest()}"
+    try:
+        with blob.open() as raw, DecompressingReader(raw) as stream:
+            stream.drain()
+    except CompressionError as error:
+        return str(error)
+    return _mismatch(blob, stream.stored_hash.hexdigest(), stream.content_hash.hexdigest())

@@ -30,6 +30,8 @@ class LayerBlob:
     digest: str | None  # digest of the blob as stored (None: only the diff_id is known)
     size: int | None
     open: Callable[[], BinaryIO]
+    media_type: str | None = None  # of the blob as stored, when a manifest says it
+    repository: str | None = None  # "registry/repository" it was pulled from
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class _Files:
         if not os.path.isdir(root):
             try:
                 self._tar = tarfile.open(root, "r:*")  # noqa: SIM115 - closed by close()
+            except tarfile.ReadError:  # tarfile lists every decompressor it tried
+                raise ImageSourceError(f"{root} is neither an image directory nor a tar "
+                                       "archive (plain, gzip, bzip2 or xz)") from None
             except (tarfile.TarError, OSError) as error:
                 raise ImageSourceError(f"{root} is neither an image directory nor a tar: "
                                        f"{error}") from None
@@ -130,7 +135,7 @@ def _read_oci(files: _Files, ref: str | None) -> list[SourceImage]:
                                    f"{len(diff_ids)} diff_ids in its config")
         blobs = tuple(
             LayerBlob(diff_id, layer["digest"], layer.get("size"),
-                      _opener(files, _blob_path(layer["digest"])))
+                      _opener(files, _blob_path(layer["digest"])), layer.get("mediaType"))
             for diff_id, layer in zip(diff_ids, layers, strict=True))
         images.append(SourceImage(name, config, config_descriptor["digest"], blobs))
     return images
@@ -185,7 +190,8 @@ def open_images(source: str) -> Iterator[list[SourceImage]]:
     save tar. Blob openers stay valid inside the with-block."""
     path, ref = split_reference(source)
     if not os.path.exists(path):
-        raise ImageSourceError(f"{path} does not exist")
+        raise ImageSourceError(f"{path!r} does not exist: give an OCI layout (dir or tar) or "
+                               "a docker save tar, as PATH or PATH:REF")
     files = _Files(path)
     try:
         if files.exists("oci-layout") or files.exists("index.json"):

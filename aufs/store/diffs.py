@@ -7,7 +7,9 @@ put it is given; it never sees the Driver itself."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
+import logging
 import os
 from collections.abc import Callable
 from typing import BinaryIO
@@ -19,12 +21,18 @@ from aufs.archive.export import ExportOptions, TarPipe, write_entries, write_tre
 from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
 from aufs.archive.idmap import IdentityMapping
 from aufs.archive.staging import clone_tree, exchange
+from aufs.archive.tarsplit import TarSplitError, TarSplitRecorder, read_entries, replay
 from aufs.errors import AufsError, DiffError, LayerInUseError, LayerNotFoundError
 from aufs.ids import validate_layer_id
 from aufs.store.atomic import remove_tree
 from aufs.store.backends import Backend, MountRequest
-from aufs.store.layout import Store
+from aufs.store.layout import CorruptStoreError, Store, TarSplitRecord
 from aufs.store.locking import LayerReferences, StoreLocks
+
+log = logging.getLogger(__name__)
+
+# a layer's own top-level aufs bookkeeping, which Diff leaves out too
+AUFS_METADATA = frozenset({".wh..wh.aufs", ".wh..wh.plnk", ".wh..wh.orph"})
 
 
 class FileGetter:
@@ -135,6 +143,11 @@ class LayerDiffs:
             branch = self.store.diff_path(layer_id)
             with self.locks.root.hold():
                 hold = self._hold(layer_id)
+            record = self._own_record(layer_id, parent)
+            if record is not None:
+                return self._stream(
+                    lambda out: self._write_recorded(layer_id, branch, record, out, options),
+                    on_close=lambda: os.close(hold))
             return self._stream(lambda out: write_tree(branch, out, options),
                                 on_close=lambda: os.close(hold))
         layer_fs = self.get(layer_id)
@@ -153,6 +166,89 @@ class LayerDiffs:
         return self._stream(lambda out: write_entries(layer_fs, entries, out, options),
                             on_close=lambda: self.put(layer_id))
 
+    # ---- exact diffs (tar-split) -----------------------------------------------------------
+
+    def _own_record(self, layer_id: str, parent: str) -> TarSplitRecord | None:
+        """The layer's tar-split record, when the diff asked for is against its own parent."""
+        parents = self.store.parent_ids(layer_id)
+        if parent != (parents[0] if parents else ""):
+            return None
+        try:
+            return self.store.read_record(layer_id)
+        except CorruptStoreError as error:
+            log.warning("layer %s: %s; its diff is written afresh", layer_id[:12], error)
+            return None
+
+    def verified_diff_id(self, layer_id: str) -> str | None:
+        """The diff_id the layer's diff against its parent has, when its tar-split record
+        still rebuilds it (files checked on disk); None otherwise."""
+        layer_id, _ = self._check(layer_id, "")
+        parents = self.store.parent_ids(layer_id)
+        record = self._own_record(layer_id, parents[0] if parents else "")
+        if record is None:
+            return None
+        with self.locks.root.hold():
+            hold = self._hold(layer_id)
+        try:
+            self._verify(self.store.diff_path(layer_id), record)
+        except (OSError, TarSplitError) as error:
+            log.debug("layer %s: %s", layer_id[:12], error)
+            return None
+        finally:
+            os.close(hold)
+        return record.diff_id
+
+    def _verify(self, branch: str, record: TarSplitRecord) -> None:
+        """Raises TarSplitError unless the record rebuilds exactly its diff_id from branch:
+        nothing in branch changed since the record was written (no entry's ctime is later,
+        which catches new, removed, rewritten and re-moded entries alike), and the rebuilt
+        tar hashes to the diff_id."""
+        recorded_at = os.stat(record.tar_split).st_mtime_ns
+        if os.stat(branch).st_mtime_ns > recorded_at:
+            raise TarSplitError("entries were added to or removed from the layer's top")
+        stack = [branch]
+        while stack:
+            directory = stack.pop()
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if directory == branch and entry.name in AUFS_METADATA:
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    if info.st_ctime_ns > recorded_at:
+                        name = os.path.relpath(entry.path, branch)
+                        raise TarSplitError(f"{name!r} changed after the layer was recorded")
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        with gzip.open(record.tar_split, "rb") as journal, FileGetter(branch) as files:
+            digest = replay(read_entries(journal), files)  # type: ignore[arg-type]
+        if digest != record.diff_id:
+            raise TarSplitError(f"the files rebuild {digest[:19]}, not {record.diff_id[:19]}")
+
+    def _write_recorded(self, layer_id: str, branch: str, record: TarSplitRecord, out: int,
+                        options: ExportOptions) -> None:
+        """The original tar from the record, checked first (a hashing pass over the files,
+        which the page cache makes cheap) so that a wrong stream is never begun; a layer
+        that changed gets a fresh tar and a warning."""
+        try:
+            self._verify(branch, record)
+        except (OSError, TarSplitError) as error:
+            log.warning("layer %s changed since it was applied from its image (%s): its diff "
+                        "is a fresh tar, whose digest is not %s", layer_id[:12], error,
+                        record.diff_id)
+            write_tree(branch, out, options)
+            return
+
+        def write(data: bytes | memoryview) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+
+        with gzip.open(record.tar_split, "rb") as journal, FileGetter(branch) as files:
+            digest = replay(read_entries(journal), files, write)  # type: ignore[arg-type]
+        if digest != record.diff_id:  # changed between the check and the copy
+            raise DiffError(f"layer {layer_id!r} changed while its diff was written: the tar "
+                            f"has {digest}, not {record.diff_id}; try again")
+
     @staticmethod
     def _stream(produce: Callable[[int], None],
                 on_close: Callable[[], None] | None = None) -> BinaryIO:
@@ -161,9 +257,13 @@ class LayerDiffs:
     # ---- apply ---------------------------------------------------------------------------
 
     def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO, *,
-                   allow_devices: bool = True) -> int:
+                   allow_devices: bool = True, record: bool | str = False) -> int:
         """Unpacks stream into the layer. Fast path: the branch's new apparent size; naive
-        path: the sum of the archive's entry sizes. A failure leaves the layer as it was."""
+        path: the sum of the archive's entry sizes. A failure leaves the layer as it was.
+
+        record: keep the archive's tar-split, so that diff against the parent gives back
+        this very tar. Only an empty layer on the fast path is recorded. A digest string is
+        the diff_id the caller checks itself; True hashes the stream here."""
         layer_id, parent = self._check(layer_id, parent)
         with self.locks.ids.hold(layer_id):
             with self.locks.root.hold():
@@ -184,7 +284,7 @@ class LayerDiffs:
             try:
                 if not self.store.exists(layer_id):
                     raise LayerNotFoundError(f"layer {layer_id!r} was removed meanwhile")
-                size = self._apply_staged(layer_id, parent, stream, allow_devices)
+                size = self._apply_staged(layer_id, parent, stream, allow_devices, record)
                 if size is None:
                     size = native.directory_size(self.store.diff_path(layer_id))
             finally:
@@ -201,25 +301,48 @@ class LayerDiffs:
                                      ) from None
 
     def _apply_staged(self, layer_id: str, parent: str, stream: BinaryIO,
-                      allow_devices: bool) -> int | None:
+                      allow_devices: bool, record: bool | str = False) -> int | None:
         """The apply proper, into a staged clone swapped in at the end; None on the fast
         path (the caller measures the branch)."""
         fast = self.is_parent(layer_id, parent)
-        with self.store.staging("apply") as staging:
-            tree = os.path.join(staging, "tree")
-            clone_tree(self.store.diff_path(layer_id), tree)
-            if fast:
-                mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
-                        else WhiteoutMode.LITERAL)
-                extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices))
-                size = None
-            else:
-                size = self._apply_through_union(layer_id, staging, tree, stream,
-                                                 allow_devices)
-            with self.locks.root.hold():
-                exchange(tree, self.store.diff_path(layer_id))
-            remove_tree(tree)
+        recorder = None
+        if record and fast and not os.listdir(self.store.diff_path(layer_id)):
+            recorder = TarSplitRecorder(hash_stream=record is True)
+        elif record:
+            log.info("layer %s: not recording its tar-split (only an empty layer applied "
+                     "against its own parent reproduces its tar)", layer_id[:12])
+        self.store.remove_record(layer_id)  # the content changes: an old record is wrong
+        try:
+            with self.store.staging("apply") as staging:
+                tree = os.path.join(staging, "tree")
+                clone_tree(self.store.diff_path(layer_id), tree)
+                if fast:
+                    mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
+                            else WhiteoutMode.LITERAL)
+                    extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices,
+                                                         tar_split=recorder))
+                    size = None
+                else:
+                    size = self._apply_through_union(layer_id, staging, tree, stream,
+                                                     allow_devices)
+                with self.locks.root.hold():
+                    exchange(tree, self.store.diff_path(layer_id))
+                remove_tree(tree)
+        finally:
+            if recorder is not None:
+                recorder.close()  # its compressing thread
+        if recorder is not None:
+            self._keep_record(layer_id, recorder, record)
         return size
+
+    def _keep_record(self, layer_id: str, recorder: TarSplitRecorder,
+                     record: bool | str) -> None:
+        if recorder.unusable is not None:
+            log.info("layer %s: no tar-split kept: %s", layer_id[:12], recorder.unusable)
+            return
+        diff_id = record if isinstance(record, str) else recorder.diff_id
+        assert diff_id is not None
+        self.store.write_record(layer_id, diff_id, recorder.finish())
 
     def _apply_through_union(self, layer_id: str, staging: str, tree: str, stream: BinaryIO,
                              allow_devices: bool) -> int:

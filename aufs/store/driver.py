@@ -7,6 +7,7 @@ change on disk. The layout is in store.py, the union mounts in backends/.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from aufs.errors import (
     LayerExistsError,
     LayerInUseError,
     LayerNotFoundError,
+    MountError,
     UnbalancedPutError,
     UnmountBusyError,
 )
@@ -29,7 +31,7 @@ from aufs.ids import validate_layer_id
 from aufs.store.atomic import atomic_remove
 from aufs.store.backends import Backend, MountRequest, resolve_backend
 from aufs.store.diffs import FileGetter, LayerDiffs
-from aufs.store.layout import Store
+from aufs.store.layout import MountChain, Store
 from aufs.store.locking import LayerReferences, RootLock, StoreLocks
 from aufs.store.migrate import MigrationError, migration_in_progress
 from aufs.store.mounters import MNT_DETACH, Mounter
@@ -99,6 +101,7 @@ class Driver:
         self._locks = StoreLocks(RootLock(self._store.layers_dir))
         with self._locks.root.hold():
             self._store.clean_stale()
+        self._mount_requests: dict[str, tuple[MountChain, str, MountRequest]] = {}
         self._diffs = LayerDiffs(self._store, self._backend, self._locks, get=self.get,
                                  put=self.put, whiteout_format=store_format,
                                  id_mapping=self.id_mapping)
@@ -185,6 +188,7 @@ class Driver:
                 raise LayerExistsError(f"layer {layer_id!r} already exists in {self.root}")
             parents = [parent, *self._store.parent_ids(parent)] if parent else []
             try:
+                self._store.remove_record(layer_id)  # a crashed remove's: not this layer's
                 self._store.make_layer_dirs(layer_id, self._layer_owner,
                                             work=self._backend.needs_work_dir)
                 self._store.write_layer_file(layer_id, parents)
@@ -230,8 +234,10 @@ class Driver:
             except BaseException:
                 self._locks.references.restore(layer_id, self._store.diff_path(layer_id), held)
                 raise
+            self._store.remove_record(layer_id)
             self._store.remove_layer_file(layer_id)
             self._store.remove_layer_dirs(layer_id)
+            self._mount_requests.pop(layer_id, None)
 
     def rename(self, layer_id: str, new_id: str) -> None:
         """Renames a leaf layer that nothing holds. Import and pull fill a layer under a
@@ -258,8 +264,11 @@ class Driver:
                     atomic_remove(new)
                 if os.path.lexists(old):
                     os.rename(old, new)
+            store.rename_record(layer_id, new_id)
             store.write_layer_file(new_id, parents)  # the commit point
             store.remove_layer_file(layer_id)
+            store.remove_short_link(layer_id)
+            self._mount_requests.pop(layer_id, None)
 
     # ---- get and put ----------------------------------------------------------------------
 
@@ -268,22 +277,23 @@ class Driver:
         mount mnt/<id> for a child. Each get needs one put."""
         layer_id = validate_layer_id(layer_id)
         with self._locks.ids.hold(layer_id):
-            parents = self._store.parent_ids(layer_id)
-            path = self._path_for(layer_id, parents)
-            if self._locks.references.count(layer_id) > 0 and (
-                not parents or self._backend.is_mounted(path)
-            ):
-                self._acquire(layer_id)
-                return path
+            if self._locks.references.count(layer_id) > 0:
+                parents = self._store.parent_ids(layer_id)
+                path = self._path_for(layer_id, parents)
+                if not parents or self._backend.is_mounted(path):
+                    self._acquire(layer_id)
+                    return path
             with self._locks.root.hold():
-                parents = self._store.parent_ids(layer_id)  # again: another process may
-                path = self._path_for(layer_id, parents)  # have removed it meanwhile
+                # read under the root lock: another process may have removed or replaced it
+                chain = self._store.mount_chain(layer_id,
+                                                short_links=self._backend.uses_short_links)
+                path = self._path_for(layer_id, chain.parents)
                 self._acquire(layer_id)
                 try:
-                    if parents and not self._backend.is_mounted(path):
+                    if chain.parents and not self._backend.is_mounted(path):
                         if self._backend.needs_work_dir:
                             self._store.ensure_work_dir(layer_id, self._layer_owner)
-                        self._backend.mount(self._mount_request(layer_id, parents, mount_label))
+                        self._mount(layer_id, mount_label, chain)
                 except BaseException:
                     self._locks.references.release(layer_id)
                     raise
@@ -339,9 +349,23 @@ class Driver:
         return self._diffs.diff_size(layer_id, parent)
 
     def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO, *,
-                   allow_devices: bool = True) -> int:
-        """Unpacks an uncompressed, untrusted tar into the layer, atomically."""
-        return self._diffs.apply_diff(layer_id, parent, stream, allow_devices=allow_devices)
+                   allow_devices: bool = True, record: bool | str = False) -> int:
+        """Unpacks an uncompressed, untrusted tar into the layer, atomically. record=True
+        (or the stream's diff_id, when the caller checks it) keeps the tar's tar-split, so
+        that diff(layer_id, parent) gives back this very tar."""
+        return self._diffs.apply_diff(layer_id, parent, stream, allow_devices=allow_devices,
+                                      record=record)
+
+    @property
+    def reproduces_exact_diffs(self) -> bool:
+        """Docker's Capabilities().ReproducesExactDiffs: a layer applied with record gives
+        back its original tar, byte for byte, while its files are unchanged."""
+        return True
+
+    def verified_diff_id(self, layer_id: str) -> str | None:
+        """The recorded diff_id of the layer's diff against its parent, when the files on
+        disk still rebuild it; None when it has no record or changed."""
+        return self._diffs.verified_diff_id(layer_id)
 
     def changes(self, layer_id: str, parent: str = "") -> list[Change]:
         return self._diffs.changes(layer_id, parent)
@@ -396,16 +420,38 @@ class Driver:
             return self._store.mount_path(layer_id)
         return self._store.diff_path(layer_id)
 
-    def _mount_request(self, layer_id: str, parents: Sequence[str], label: str) -> MountRequest:
+    def _mount(self, layer_id: str, label: str, chain: MountChain) -> None:
+        try:
+            self._backend.mount(self._mount_request(layer_id, label, chain))
+        except MountError as error:
+            if error.errno != errno.ENOENT:
+                raise
+            # a short link (or the work dir) went missing under the cache, removed by hand
+            # say: check every link of the chain again, once
+            self._store.forget_chain(layer_id)
+            if self._backend.needs_work_dir:
+                self._store.ensure_work_dir(layer_id, self._layer_owner)
+            chain = self._store.mount_chain(layer_id, short_links=self._backend.uses_short_links)
+            self._backend.mount(self._mount_request(layer_id, label, chain))
+
+    def _mount_request(self, layer_id: str, label: str, chain: MountChain) -> MountRequest:
+        cached = self._mount_requests.get(layer_id)
+        if cached is not None and cached[0] is chain and cached[1] == label:
+            return cached[2]  # the store hands out a new chain whenever the layer changed
         store = self._store
-        return MountRequest(
+        request = MountRequest(
             layer_id=layer_id,
             upper=store.diff_path(layer_id),
-            lowers=tuple(store.diff_path(parent) for parent in parents),
+            lowers=chain.lowers,
             target=store.mount_path(layer_id),
             work=store.work_path(layer_id) if self._backend.needs_work_dir else None,
             label=label,
+            root=store.root if chain.short_lowerdir is not None else None,
+            short_lowerdir=chain.short_lowerdir,
+            short_lowerdir_absolute=chain.short_lowerdir_absolute,
         )
+        self._mount_requests[layer_id] = (chain, label, request)
+        return request
 
     def _unmount_layer(self, layer_id: str, *, force: bool, refuse_if_shared: bool) -> None:
         """Unmounts mnt/<id> if it is mounted, with the retry policy. Call with the root lock

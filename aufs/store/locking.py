@@ -3,12 +3,10 @@ references that tell one process whether another still uses a layer's mount."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -37,21 +35,48 @@ class NamedLocks:
         self._guard = threading.Lock()
         self._locks: dict[str, tuple[threading.Lock, int]] = {}
 
-    @contextlib.contextmanager
-    def hold(self, name: str) -> Iterator[None]:
+    def hold(self, name: str) -> _NamedHold:
+        return _NamedHold(self, name)
+
+    def _enter(self, name: str) -> None:
         with self._guard:
-            lock, users = self._locks.get(name, (threading.Lock(), 0))
-            self._locks[name] = (lock, users + 1)
+            entry = self._locks.get(name)
+            lock = threading.Lock() if entry is None else entry[0]
+            self._locks[name] = (lock, 1 if entry is None else entry[1] + 1)
         try:
-            with lock:
-                yield
-        finally:
+            lock.acquire()
+        except BaseException:  # interrupted while waiting: give the place back
             with self._guard:
-                lock, users = self._locks[name]
-                if users == 1:
-                    del self._locks[name]
-                else:
-                    self._locks[name] = (lock, users - 1)
+                self._drop(name)
+            raise
+
+    def _drop(self, name: str) -> None:
+        lock, users = self._locks[name]
+        if users == 1:
+            del self._locks[name]
+        else:
+            self._locks[name] = (lock, users - 1)
+
+    def _exit(self, name: str) -> None:
+        with self._guard:
+            self._locks[name][0].release()
+            self._drop(name)
+
+
+class _NamedHold:
+    """`with locks.hold(name):` (a class, not a generator: get and put take it each time)."""
+
+    __slots__ = ("_locks", "_name")
+
+    def __init__(self, locks: NamedLocks, name: str) -> None:
+        self._locks = locks
+        self._name = name
+
+    def __enter__(self) -> None:
+        self._locks._enter(self._name)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._locks._exit(self._name)
 
 
 class RootLock:
@@ -67,20 +92,30 @@ class RootLock:
         self._depth = 0
         self._fd: int | None = None
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        with self._thread_lock:
+    def hold(self) -> RootLock:
+        """`with root.hold():`; the lock is its own context manager."""
+        return self
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        try:
             if self._depth == 0:
                 if self._fd is None:
-                    self._fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    self._fd = os.open(self._directory,
+                                       os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-                if self._depth == 0 and self._fd is not None:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     def close(self) -> None:
         with self._thread_lock:

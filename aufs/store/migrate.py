@@ -137,6 +137,7 @@ def migrate(store: Store, target: str,
     atomic_write(os.path.join(store.root, FORMAT_MARKER), f"{target}\n".encode(),
                  temp_dir=store.staging_dir)
     os.unlink(state_path)
+    store.forget_chain()  # every branch was swapped
     return MigrationResult(target, tuple(converted),
                            tuple(layer for layer in done if layer not in converted))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,11 +18,15 @@ from aufs import _implementation as native
 
 MS_REMOUNT = 0x20
 MNT_DETACH = 0x2
+CLONE_FS = 0x200
 
 
 class Mounter(Protocol):
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
               data: str | None) -> None: ...
+
+    def mount_from(self, directory: str, source: str | None, target: str, fstype: str | None,
+                   flags: int, data: str | None) -> None: ...
 
     def fsmount(self, fstype: str, target: str,
                 options: Sequence[tuple[str, str | None]], source: str | None) -> None: ...
@@ -30,12 +36,77 @@ class Mounter(Protocol):
     def is_mounted(self, target: str) -> bool: ...
 
 
+class MountFromUnavailableError(OSError):
+    """This process cannot mount with relative paths (no thread of its own cwd)."""
+
+
+class _MountFromThread:
+    """Runs mount(2) with relative paths in its data resolved from a given directory, as
+    Docker's overlay2 does (mountFrom) so that short names keep deep chains in one page.
+
+    The kernel resolves those paths from the caller's working directory, which the threads
+    of a process share. This one thread unshares it (CLONE_FS) at start, so its chdir moves
+    no one else's. Started on first use; a forked child starts its own."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not cross a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[tuple[str, str | None, str, str | None, int,
+                                                str | None]] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
+        self._started = False
+        self._unusable: OSError | None = None
+
+    def mount(self, directory: str, source: str | None, target: str, fstype: str | None,
+              flags: int, data: str | None) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                threading.Thread(target=self._serve, name="aufs-mount-from", daemon=True).start()
+                self._unusable = self._replies.get()
+            if self._unusable is not None:
+                raise MountFromUnavailableError(self._unusable.errno, self._unusable.strerror,
+                                                "unshare(CLONE_FS)")
+            self._requests.put((directory, source, target, fstype, flags, data))
+            error = self._replies.get()
+        if error is not None:
+            raise error
+
+    def _serve(self) -> None:
+        try:
+            native.unshare(CLONE_FS)
+        except OSError as error:
+            self._replies.put(error)
+            return
+        self._replies.put(None)
+        while True:
+            directory, source, target, fstype, flags, data = self._requests.get()
+            try:
+                os.chdir(directory)
+                native.mount(source, target, fstype, flags, data)
+            except OSError as error:
+                self._replies.put(error)
+            else:
+                self._replies.put(None)
+
+
+_MOUNT_FROM = _MountFromThread()
+
+
 class SyscallMounter:
     """The real thing: mount(2), the new mount API, umount2(2) and a statx mount-root test."""
 
     def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
               data: str | None) -> None:
         native.mount(source, target, fstype, flags, data)
+
+    def mount_from(self, directory: str, source: str | None, target: str, fstype: str | None,
+                   flags: int, data: str | None) -> None:
+        """mount(2) with the relative paths in data resolved from directory."""
+        _MOUNT_FROM.mount(directory, source, target, fstype, flags, data)
 
     def fsmount(self, fstype: str, target: str,
                 options: Sequence[tuple[str, str | None]], source: str | None) -> None:
@@ -64,6 +135,7 @@ class MountCall:
     fstype: str | None
     flags: int
     data: str | tuple[tuple[str, str | None], ...] | None
+    directory: str | None = None  # where relative paths in data start (mount_from)
 
 
 @dataclass(eq=False)  # compared and hashed by identity, like the real mounter
@@ -89,6 +161,14 @@ class RecordingMounter:
         self.calls.append(MountCall("mount", source, target, fstype, flags, data))
         self._maybe_fail("mount", target)
         if not flags & MS_REMOUNT and target in self.mounted:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), target)
+        self.mounted.add(target)
+
+    def mount_from(self, directory: str, source: str | None, target: str, fstype: str | None,
+                   flags: int, data: str | None) -> None:
+        self.calls.append(MountCall("mount", source, target, fstype, flags, data, directory))
+        self._maybe_fail("mount", target)
+        if target in self.mounted:
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), target)
         self.mounted.add(target)
 

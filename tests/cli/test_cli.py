@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -89,6 +90,16 @@ def test_info_reports_backends_and_implementation(tmp_path: Path) -> None:
     assert any(report["name"] == "new mount API" for report in info["machine"])
 
 
+@pytest.mark.parametrize("inflater", ["zlib", "isal"])
+def test_info_says_which_gzip_inflater_runs(tmp_path: Path, inflater: str) -> None:
+    if inflater == "isal" and importlib.util.find_spec("isal") is None:
+        pytest.skip("isal is not installed (pip install 'aufs[fast]')")
+    result = subprocess.run([sys.executable, "-m", "aufs", "--root", str(tmp_path), "info"],
+                            capture_output=True, text=True, check=True,
+                            env=dict(os.environ, AUFS_INFLATER=inflater))
+    assert f"gzip inflater: {inflater} " in result.stdout
+
+
 # ---- the layer commands -------------------------------------------------------------------------
 
 
@@ -117,10 +128,12 @@ def test_import_ls_mount_changes_diff_apply_du_rm(tmp_path: Path) -> None:
     run(root, "diff", "latest", "--parent", "v2", "-o", str(layer_tar))
     with tarfile.open(layer_tar) as tar:
         assert "fixture/opqdir/.wh..wh..opq" in tar.getnames()
-    size = int(run(root, "apply", "copy", "--parent", "v2", str(layer_tar)).stdout)
-    assert size == int(run(root, "du", "copy").stdout)
+    size = json.loads(run(root, "apply", "copy", "--parent", "v2", str(layer_tar),
+                          "--json").stdout)["size"]
+    assert size == json.loads(run(root, "du", "copy", "--json").stdout)["size"]
     assert run(root, "changes", "copy", "--parent", "v2").stdout.splitlines() == changes
-    assert int(run(root, "du", str(OCI)).stdout) == aufs.directory_size(OCI)
+    assert json.loads(run(root, "du", str(OCI), "--json").stdout)["size"] == \
+        aufs.directory_size(OCI)
 
     removed = run(root, "rm", "insert").stdout.splitlines()
     assert len(removed) == 2  # insert's own two layers; base and v2 stay for the others
@@ -336,3 +349,62 @@ def test_fsck_reports_then_repairs(tmp_path: Path) -> None:
     repaired = run(root, "fsck", "--repair")
     assert "repaired stale-removing" in repaired.stdout
     assert run(root, "fsck").returncode == 0
+
+
+def test_sizes_are_human_and_json_keeps_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with aufs.Driver(root) as driver:
+        driver.create("big")
+        driver.create("small", "big")
+    with open(root / "diff" / "big" / "sparse", "wb") as sparse:
+        sparse.truncate(198900834)  # apparent bytes: a size `docker images` shows as 198.9MB
+    (root / "diff" / "small" / "file").write_bytes(b"x" * 1024)
+    listing = run(root, "ls").stdout.splitlines()
+    assert listing[0].split() == ["big", "198.9MB"]
+    assert listing[1].split() == ["small", "1.024kB"]
+    sizes = {layer["id"]: layer["size"] for layer in json.loads(run(root, "ls", "--json").stdout)}
+    assert sizes == {"big": 198900834, "small": 1024}
+    assert run(root, "du", str(root / "diff" / "big")).stdout == "198.9MB\n"
+    assert json.loads(run(root, "du", "big", "--json").stdout)["size"] == 198900834
+
+
+def test_fsck_repair_force_removes_a_broken_chain_and_its_tags(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    tops = {image["name"]: image["top"]
+            for image in json.loads(run(root, "import", str(OCI), "--json").stdout)}
+    layers = {layer["id"]: layer for layer in json.loads(run(root, "ls", "--json").stdout)}
+    insert_parent = layers[tops["insert"]]["parent"]
+    mounted = run(root, "mount", "insert").stdout.strip()  # insert builds on v2 too
+    try:
+        shutil.rmtree(root / "diff" / tops["v2"])  # latest and insert build on it
+
+        kept = run(root, "fsck", "--repair", check=False)
+        assert kept.returncode == 1 and "removed" not in kept.stdout
+        assert "--force" in kept.stdout
+        listed = {layer["id"]: layer for layer in json.loads(run(root, "ls", "--json").stdout)}
+        assert len(listed) == 5
+        assert listed[tops["v2"]]["size"] is None
+        assert listed[tops["v2"]]["broken"] == "content missing"
+        assert "- broken (content missing; see aufs fsck) [v2]" in run(root, "ls").stdout
+        assert run(root, "fsck", "--force", check=False).returncode == 2  # it needs --repair
+
+        first = run(root, "fsck", "--repair", "--force", check=False)
+        assert first.returncode == 1  # insert is mounted: it and what it builds on stay
+        assert first.stdout.splitlines()[:2] == [
+            f"removed layer {tops['latest']} (built on broken layer {tops['v2']})",
+            f"removed tag latest (tag 'latest' names missing layer {tops['latest'][:12]})"]
+        in_use = [line for line in first.stdout.splitlines() if "broken-layer-in-use" in line]
+        assert len(in_use) == 3 and f"{tops['insert']}: mounted" in "".join(in_use)
+        assert aufs.is_mountpoint(mounted)
+
+        run(root, "umount", "insert")
+        second = json.loads(run(root, "fsck", "--repair", "--force", "--json").stdout)
+        assert second["removed_layers"] == [tops["insert"], insert_parent, tops["v2"]]
+        assert sorted(second["removed_tags"]) == ["insert", "v2"]
+        assert second["problems"] == []
+        assert run(root, "fsck").stdout.strip().endswith(": clean")
+    finally:
+        if os.path.exists(mounted) and aufs.is_mountpoint(mounted):  # never leave it mounted
+            aufs.unmount(mounted, 2)
+    left = json.loads(run(root, "ls", "--json").stdout)
+    assert [(layer["id"], layer["tags"]) for layer in left] == [(tops["base"], ["base"])]

@@ -351,3 +351,32 @@ def test_an_interrupted_pull_resumes(fake: FakeRegistry, scratch: Path,
     assert len(target.layer_ids()) == 2
     image = pull(target, Catalog(target.store), f"{fake.address}/peers/sample:latest")
     assert len(image.created) == 1  # only the layer that was missing
+
+
+# ---- exact diffs: images keep their digests through pull and push ---------------------------
+
+
+def test_pull_push_pull_back_stores_nothing_new(scratch: Path, tmp_path: Path) -> None:
+    driver = Harness("overlay").driver(scratch / "store")
+    catalog = Catalog(driver.store)
+    with real_registry(tmp_path / "one") as one, real_registry(tmp_path / "two") as two:
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{OCI}:insert",
+                        f"docker://{one}/upstream/sample:insert"], check=True,
+                       capture_output=True)
+        source_manifest = RegistryClient(Reference.parse(f"{one}/upstream/sample:insert")
+                                         ).get_manifest("insert")[2]
+        pulled = pull(driver, catalog, f"{one}/upstream/sample:insert")
+        assert len(pulled.created) == 4
+        # within one registry: every blob is mounted across, and the manifest is the same
+        pushed = push(driver, catalog, f"{one}/upstream/sample:insert",
+                      f"{one}/copies/sample:insert")
+        assert pushed.uploaded == (
+            pushed.uploaded[0],) and len(pushed.mounted) == 4  # only the config is new there
+        assert pushed.manifest_digest == source_manifest
+        again = pull(driver, catalog, f"{one}/copies/sample:insert")
+        assert again.created == () and again.config_digest == pulled.config_digest
+        # to another registry: blobs are compressed anew, but diff_ids and config are kept
+        push(driver, catalog, f"{one}/upstream/sample:insert", f"{two}/elsewhere/sample:1")
+        back = pull(driver, catalog, f"{two}/elsewhere/sample:1")
+        assert back.created == () and back.layers == pulled.layers
+        assert back.config_digest == pulled.config_digest

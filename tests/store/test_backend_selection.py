@@ -165,19 +165,20 @@ def test_renaming_a_lower_dir_keeps_the_upper_a_valid_diff(scratch: Path) -> Non
 
 @needs_overlay
 def test_classic_lowerdir_fallback_for_kernels_before_6_7(scratch: Path) -> None:
-    """Before Linux 6.7 there is no lowerdir+: one page of `lowerdir=a:b` data, which
-    stops at about 44 Docker-length layers, with an error that says why."""
+    """Before Linux 6.7 there is no lowerdir+: one page of `lowerdir=` data. Short links
+    (l/<26 chars>, relative to the root) fit Docker-length chains far beyond the 44 layers
+    of full paths; past a page the error says why."""
     backend = aufs.OverlayBackend(lowerdir_append=False)
     driver = aufs.Driver(scratch / "classic", backend=backend)
     parent = ""
-    for index in range(60):
-        layer = f"{index:02d}" + "f" * 62  # Docker-length ids
+    for index in range(150):
+        layer = f"{index:03d}" + "f" * 61  # Docker-length ids
         driver.create(layer, parent)
         Path(driver.store.diff_path(layer), f"file{index}").touch()
         parent = layer
-    shallow = "10" + "f" * 62  # ten parents fit in a page at any path length here
-    with driver.mounted(shallow) as path:
-        assert len(os.listdir(path)) == 11
+    deep = "100" + "f" * 61  # 100 parents: over a page as full paths, under it as links
+    with driver.mounted(deep) as path:
+        assert len(os.listdir(path)) == 101
     with pytest.raises(aufs.MountError, match="lowerdir\\+") as caught:
         driver.get(parent)
     assert caught.value.data.startswith("lowerdir=")

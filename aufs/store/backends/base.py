@@ -23,6 +23,11 @@ class MountRequest:
     target: str
     work: str | None
     label: str = ""
+    # the lowers as short links relative to root ("l/A:l/B"), when the store has them, and
+    # the same by full path (ROOT/l/A:ROOT/l/B)
+    root: str | None = None
+    short_lowerdir: str | None = None
+    short_lowerdir_absolute: str | None = None
 
 
 def existing_ancestor(path: str) -> str:
@@ -41,6 +46,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     whiteout_format: ClassVar[str]  # the format this backend writes in a new store
     needs_work_dir: ClassVar[bool]
+    uses_short_links: ClassVar[bool] = False  # mounts through ROOT/l/ (MountRequest.root)
     incompatible_filesystems: ClassVar[frozenset[int]] = frozenset()
 
     def __init__(self, mounter: Mounter | None = None) -> None:

@@ -1,0 +1,293 @@
+"""Docker's tar-split format: how a layer tar was laid out, without its file contents, so that
+the same tar can be written again, byte for byte, from the files on disk.
+
+A tar-split file (`tar-split.json.gz`) is gzip of JSON lines, one entry each, in the order of
+the archive, numbered by "position":
+- a segment (type 2): raw bytes of the archive, base64 in "payload": header blocks with their
+  PAX or GNU extensions, the padding after the previous member's data, and at the end the
+  end-of-archive blocks with anything that followed them;
+- a file (type 1): one member, by "name" ("name_raw", base64, when the name is not UTF-8),
+  with the "size" of its data and, when it has data, the CRC-64 (ISO) of that data as 8
+  big-endian bytes in "payload".
+
+Docker's layerdb, the rescue of a Docker root and this store's own records all use this one
+reader. The recorder never keeps file data, and caps what it keeps of the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, NamedTuple, Protocol
+
+from aufs import _implementation as native
+from aufs.archive.format import TarHeader
+from aufs.errors import AufsError, DiffError
+
+FILE_NAME = "tar-split.json.gz"
+FILE_ENTRY = 1
+SEGMENT_ENTRY = 2
+# what one member may take of headers, extensions and padding (a PAX header holds at most
+# 1 MiB: format.MAX_EXTENDED_HEADER), and what a whole layer may take
+MAX_ENTRY_RAW = 4 << 20
+MAX_TOTAL_RAW = 256 << 20
+_BATCH = 256 << 10  # JSON bytes compressed at a time
+_COPY = 1 << 20
+_json_string = json.encoder.encode_basestring_ascii
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether the archive's bytes for this name (decoded with surrogateescape) are UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class TarSplitError(AufsError, ValueError):
+    """A tar-split file that cannot be read."""
+
+
+class TarSplitMismatch(TarSplitError):
+    """The files on disk are not the ones the tar-split file describes."""
+
+
+class Entry(NamedTuple):
+    kind: int  # FILE_ENTRY or SEGMENT_ENTRY
+    name: bytes  # a file's archive name; empty for a segment
+    size: int  # a file's data size; 0 for a segment
+    payload: bytes | None  # a segment's raw bytes; a file's CRC-64, or None without data
+    position: int
+
+
+class FileSource(Protocol):
+    """Opens a layer's file by its archive name (aufs.store.diffs.FileGetter is one)."""
+
+    def get(self, name: str) -> BinaryIO: ...
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def read_entries(journal: BinaryIO) -> Iterator[Entry]:
+    """The entries of an uncompressed tar-split stream (open the file with gzip.open)."""
+    for number, line in enumerate(journal, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as error:
+            raise TarSplitError(f"tar-split line {number} is not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise TarSplitError(f"tar-split line {number} is not an entry")
+        yield _entry(data, number)
+
+
+def _entry(data: dict[str, object], number: int) -> Entry:
+    kind = data.get("type")
+    position = data.get("position", number - 1)
+    size = data.get("size") or 0
+    if not isinstance(position, int) or not isinstance(size, int) or size < 0:
+        raise TarSplitError(f"tar-split line {number} has a bad position or size")
+    try:
+        payload = _base64(data.get("payload"))
+        if kind == SEGMENT_ENTRY:
+            return Entry(SEGMENT_ENTRY, b"", 0, payload or b"", position)
+        if kind != FILE_ENTRY:
+            raise TarSplitError(f"tar-split line {number} has unknown type {kind!r}")
+        name = data.get("name")
+        if isinstance(name, str) and name:
+            raw_name = name.encode("utf-8", "surrogateescape")
+        else:
+            raw_name = _base64(data.get("name_raw")) or b""
+    except (binascii.Error, TypeError):
+        raise TarSplitError(f"tar-split line {number}: bad base64") from None
+    if not raw_name:
+        raise TarSplitError(f"tar-split line {number} is a file without a name")
+    return Entry(FILE_ENTRY, raw_name, size, payload, position)
+
+
+def _base64(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return base64.b64decode(value, validate=True)
+
+
+def replay(entries: Iterable[Entry], files: FileSource,
+           write: Callable[[bytes | memoryview], object] | None = None,
+           *, check_crc: bool = False) -> str:
+    """Writes the original tar (or only hashes it, with write=None); returns its sha256
+    digest. A file shorter or longer than its entry says raises TarSplitMismatch."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_COPY)
+    view = memoryview(buffer)
+    for entry in entries:
+        if entry.kind == SEGMENT_ENTRY:
+            assert entry.payload is not None
+            digest.update(entry.payload)
+            if write is not None:
+                write(entry.payload)
+            continue
+        if not entry.size:
+            continue
+        name = os.fsdecode(entry.name)
+        crc = 0
+        with files.get(name) as handle:
+            if os.fstat(handle.fileno()).st_size != entry.size:
+                raise TarSplitMismatch(f"{name} is no longer {entry.size} bytes long")
+            remaining = entry.size
+            while remaining:
+                count = handle.readinto(view[:min(remaining, _COPY)])  # type: ignore[attr-defined]
+                if not count:
+                    raise TarSplitMismatch(f"{name} is shorter than tar-split says")
+                piece = view[:count]
+                digest.update(piece)
+                if check_crc:
+                    crc = native.crc64_iso(crc, piece)
+                if write is not None:
+                    write(piece)
+                remaining -= count
+        if check_crc and entry.payload != crc.to_bytes(8, "big"):
+            raise TarSplitMismatch(f"{name}: its contents changed (CRC-64 differs)")
+    return "sha256:" + digest.hexdigest()
+
+
+# ---- recording --------------------------------------------------------------------------------
+
+
+class TarSplitRecorder:
+    """Builds a tar-split file while a TarReader reads an archive: the reader hands it every
+    byte it consumes (consume), and says where each member's data starts (begin_file) and
+    ends (end_file). File data only feeds a CRC-64, never the record.
+
+    Raises DiffError when one member brings more than max_entry_bytes of headers and
+    padding, or the archive more than max_total_bytes in all.
+    """
+
+    def __init__(self, *, max_entry_bytes: int = MAX_ENTRY_RAW,
+                 max_total_bytes: int = MAX_TOTAL_RAW, hash_stream: bool = False) -> None:
+        self.max_entry_bytes = max_entry_bytes
+        self.max_total_bytes = max_total_bytes
+        self.raw_bytes = 0  # kept so far, in all
+        self.unusable: str | None = None  # why this archive cannot be replayed, if so
+        self._pending = bytearray()
+        self._file: tuple[str, int] | None = None
+        self._crc = 0
+        self._position = 0
+        self._names: set[str] = set()
+        self._lines: list[bytes] = []
+        self._line_bytes = 0
+        # gzip runs on a thread of its own (zlib lets go of the GIL), beside the unpacking
+        self._compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip container
+        self._compressed: list[bytes] = []
+        self._batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._compressing: threading.Thread | None = None
+        self._hash = hashlib.sha256() if hash_stream else None
+        self._finished: bytes | None = None
+
+    def consume(self, piece: bytes | memoryview) -> None:
+        if self._hash is not None:
+            self._hash.update(piece)
+        if self._file is not None:
+            self._crc = native.crc64_iso(self._crc, piece)
+            return
+        if len(self._pending) + len(piece) > self.max_entry_bytes:
+            raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
+                            f"padding in one place (after entry #{self._position}); refusing "
+                            "to record them")
+        self.raw_bytes += len(piece)
+        if self.raw_bytes > self.max_total_bytes:
+            raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
+                            "padding in the archive; refusing to record them")
+        self._pending += piece
+
+    def begin_file(self, header: TarHeader) -> None:
+        self.end_file()
+        self._flush_segment()
+        name = header.name
+        if header.sparse is not None and self.unusable is None:
+            self.unusable = f"{name!r} is a sparse file"
+        key = name.strip("/").removeprefix("./")
+        if key in self._names and self.unusable is None:
+            self.unusable = f"{name!r} is in the archive twice"
+        self._names.add(key)
+        self._file = (name, header.size)
+        self._crc = 0
+
+    def end_file(self) -> None:
+        # lines are formatted here, not by json.dumps: this runs once per member while a
+        # layer is applied, and its cost is the recording's cost
+        if self._file is None:
+            return
+        name, size = self._file
+        self._file = None
+        if name.isascii() or _is_utf8(name):
+            named = b'"name":' + _json_string(name).encode()
+        else:
+            named = b'"name_raw":"' + base64.b64encode(os.fsencode(name)) + b'"'
+        if size:
+            line = b'{"type":1,%s,"size":%d,"payload":"%s","position":%d}\n' % (
+                named, size, base64.b64encode(self._crc.to_bytes(8, "big")), self._position)
+        else:
+            line = b'{"type":1,%s,"payload":null,"position":%d}\n' % (named, self._position)
+        self._emit(line)
+
+    def _flush_segment(self) -> None:
+        if self._pending:
+            self._emit(b'{"type":2,"payload":"%s","position":%d}\n' % (
+                base64.b64encode(self._pending), self._position))
+            self._pending.clear()
+
+    def _emit(self, line: bytes) -> None:
+        self._position += 1
+        self._lines.append(line)
+        self._line_bytes += len(line)
+        if self._line_bytes >= _BATCH:
+            self._compress()
+
+    def _compress(self) -> None:
+        if self._compressing is None:
+            self._compressing = threading.Thread(target=self._compress_batches,
+                                                 name="aufs-tar-split", daemon=True)
+            self._compressing.start()
+        self._batches.put(b"".join(self._lines))
+        self._lines.clear()
+        self._line_bytes = 0
+
+    def _compress_batches(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            self._compressed.append(self._compressor.compress(batch))
+
+    def close(self) -> None:
+        """Stops the compressing thread (finish does it too)."""
+        if self._compressing is not None:
+            self._batches.put(None)
+            self._compressing.join()
+            self._compressing = None
+
+    def finish(self) -> bytes:
+        """The tar-split file's content (gzip); call once the archive is read to its end."""
+        if self._finished is None:
+            self.end_file()
+            self._flush_segment()
+            self._compress()
+            self.close()
+            self._compressed.append(self._compressor.flush())
+            self._finished = b"".join(self._compressed)
+            self._compressed.clear()
+        return self._finished
+
+    @property
+    def diff_id(self) -> str | None:
+        """The sha256 of every byte consumed, when built with hash_stream=True."""
+        return None if self._hash is None else "sha256:" + self._hash.hexdigest()

@@ -1,0 +1,141 @@
+"""tar-split: recording while unpacking, the file format, replay and the recorder's caps."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.tarsplit import (
+    FILE_ENTRY,
+    SEGMENT_ENTRY,
+    TarSplitError,
+    TarSplitMismatch,
+    TarSplitRecorder,
+    read_entries,
+    replay,
+)
+from aufs.errors import DiffError
+from aufs.store.diffs import FileGetter
+from tarbuild import archive, directory, member
+
+
+def test_crc64_iso_matches_go(impl: ModuleType) -> None:
+    # CRC-64/GO-ISO check value, and an update split in two gives the same result
+    assert impl.crc64_iso(0, b"123456789") == 0xB90956C775A41001
+    data = bytes(range(256)) * 41
+    assert impl.crc64_iso(impl.crc64_iso(0, data[:1001]), data[1001:]) == impl.crc64_iso(0, data)
+
+
+def sample_archive() -> bytes:
+    return archive([
+        directory("etc/"),
+        member("etc/hosts", data=b"127.0.0.1 localhost\n" * 40),
+        member("etc/motd", data=b""),
+        member("etc/" + "long-name-" * 20, data=b"x" * 700, pax={"SCHILY.xattr.user.k": "v"}),
+        member("etc/link", tarfile.SYMTYPE, linkname="hosts"),
+        member("caf\udce9", data=b"latin-1 name"),
+    ], tarfile.GNU_FORMAT) + bytes(8192)  # GNU tar's record padding after the end blocks
+
+
+def record(data: bytes, target: Path, **caps: int) -> TarSplitRecorder:
+    recorder = TarSplitRecorder(hash_stream=True, **caps)  # type: ignore[arg-type]
+    extract(io.BytesIO(data), str(target), ExtractOptions(WhiteoutMode.LITERAL,
+                                                          tar_split=recorder))
+    return recorder
+
+
+def test_record_then_replay_is_byte_for_byte(tmp_path: Path) -> None:
+    data = sample_archive()
+    recorder = record(data, tmp_path)
+    journal = recorder.finish()
+    assert recorder.unusable is None
+    assert recorder.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    out = io.BytesIO()
+    with FileGetter(str(tmp_path)) as files:
+        digest = replay(read_entries(gzip.GzipFile(fileobj=io.BytesIO(journal))), files,
+                        out.write, check_crc=True)
+    assert out.getvalue() == data
+    assert digest == recorder.diff_id
+
+
+def test_the_record_is_dockers_format_and_holds_no_file_data(tmp_path: Path) -> None:
+    secret = b"SECRET-CONTENT-" * 100
+    data = archive([member("a", data=secret), member("b", data=b"")])
+    lines = [json.loads(line) for line in gzip.decompress(record(data, tmp_path).finish())
+             .splitlines()]
+    assert [line["type"] for line in lines] == [SEGMENT_ENTRY, FILE_ENTRY, SEGMENT_ENTRY,
+                                                FILE_ENTRY, SEGMENT_ENTRY]
+    assert [line["position"] for line in lines] == list(range(5))
+    assert lines[1]["name"] == "a" and lines[1]["size"] == len(secret)
+    assert len(__import__("base64").b64decode(lines[1]["payload"])) == 8  # the CRC-64
+    assert lines[3] == {"type": FILE_ENTRY, "name": "b", "payload": None, "position": 3}
+    raw = b"".join(__import__("base64").b64decode(line["payload"]) for line in lines
+                   if line["type"] == SEGMENT_ENTRY)
+    assert b"SECRET" not in raw
+    assert len(raw) == len(data) - len(secret)
+
+
+def test_a_non_utf8_name_is_kept_raw(tmp_path: Path) -> None:
+    lines = gzip.decompress(record(sample_archive(), tmp_path).finish()).splitlines()
+    raw_names = [json.loads(line).get("name_raw") for line in lines]
+    assert "Y2Fm6Q==" in raw_names  # b"caf\xe9"
+
+
+def test_hostile_headers_cannot_make_the_recorder_exceed_its_cap(tmp_path: Path) -> None:
+    # a 200 KiB PAX header is legal tar, but more than this recorder's per-entry cap
+    data = archive([member("a", data=b"1", pax={"comment": "x" * (200 << 10)})])
+    (tmp_path / "one").mkdir()
+    with pytest.raises(DiffError, match="tar-split"):
+        record(data, tmp_path / "one", max_entry_bytes=64 << 10)
+    # many small headers: the total cap
+    many = archive([member(f"f{index}", data=b"") for index in range(300)])
+    (tmp_path / "two").mkdir()
+    with pytest.raises(DiffError, match="tar-split"):
+        record(many, tmp_path / "two", max_total_bytes=100 << 10)
+    # junk after the end of the archive counts too
+    (tmp_path / "three").mkdir()
+    with pytest.raises(DiffError, match="tar-split"):
+        record(archive([member("a", data=b"1")]) + b"\1" * (1 << 20), tmp_path / "three",
+               max_entry_bytes=256 << 10)
+
+
+def test_the_recorder_keeps_what_it_may_under_the_cap(tmp_path: Path) -> None:
+    data = archive([member(f"f{index}", data=b"") for index in range(300)])
+    recorder = record(data, tmp_path, max_total_bytes=len(data))
+    assert recorder.raw_bytes == len(data)
+
+
+def test_sparse_and_duplicate_members_make_the_record_unusable(tmp_path: Path) -> None:
+    data = archive([member("a", data=b"1"), member("a", data=b"2")])
+    assert record(data, tmp_path).unusable is not None
+
+
+def test_replay_notices_changed_files(tmp_path: Path) -> None:
+    data = sample_archive()
+    journal = record(data, tmp_path).finish()
+
+    def digest() -> str:
+        with FileGetter(str(tmp_path)) as files:
+            return replay(read_entries(gzip.GzipFile(fileobj=io.BytesIO(journal))), files)
+
+    original = digest()
+    (tmp_path / "etc" / "hosts").write_bytes(b"127.0.0.2 localhost\n" * 40)  # same size
+    assert digest() != original
+    (tmp_path / "etc" / "hosts").write_bytes(b"127.0.0.1 localhost\n" * 41)  # longer
+    with pytest.raises(TarSplitMismatch):
+        digest()
+
+
+def test_unreadable_records_raise(tmp_path: Path) -> None:
+    for bad in (b"not json\n", b'{"type":7}\n', b'{"type":2,"payload":"@@"}\n',
+                b'{"type":1,"size":3}\n'):
+        with pytest.raises(TarSplitError):
+            list(read_entries(io.BytesIO(bad)))
