@@ -293,7 +293,10 @@ class GraphDriverPlugin:
         layer_id = call.query.get("id", "")
         if not layer_id:
             raise PluginError("GraphDriver.ApplyDiff needs ?id=")
-        size = self.driver.apply_diff(layer_id, call.query.get("parent", ""), call.body)
+        # recorded, so that Diff gives Docker back this very tar: with ReproducesExactDiffs
+        # true, Docker keeps no tar-split of its own and checks Diff against the diff_id
+        size = self.driver.apply_diff(layer_id, call.query.get("parent", ""), call.body,
+                                      record=self.driver.reproduces_exact_diffs)
         return {"Size": size}
 
     def _diff_size(self, call: PluginCall) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def _errors() -> tuple[type[Exception], ...]:
         from isal import isal_zlib  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return (zlib.error,)
-    isal_error: type[Exception] = isal_zlib.error
+    isal_error = isal_zlib.error
+    assert isinstance(isal_error, type) and issubclass(isal_error, Exception)
     return (zlib.error, isal_error)
 
 
