@@ -138,7 +138,7 @@ class Harness:
     def is_mounted(self, path: str) -> bool:
         if self.recorder is not None:
             return self.recorder.is_mounted(path)
-        return os.path.exists(path) and aufs.is_mountpoint(path)
+        return aufs.store.mounters.SYSCALLS.is_mounted(path)
 
     def require_union(self) -> None:
         if not self.real_union:

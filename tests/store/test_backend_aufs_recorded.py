@@ -290,3 +290,20 @@ def test_a_chain_past_127_branches_is_refused_before_any_mount(short_root: Path)
         recorder, kernel=WITH_AUFS, dirperm1=False, auplink=None, branch_max=511))
     wider.get(top)  # a kernel built with CONFIG_AUFS_BRANCH_MAX_511
     assert [str(c.data).count("=r") for c in recorder.mount_calls()] == [64, 64]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
+def test_a_stale_mount_root_is_still_known_mounted(scratch: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """aufs answers ESTALE on the root of a mount whose branch was deleted under it (fsck's
+    broken-layer-in-use case): put must still see the mount, by the mount table."""
+    from aufs.store import mounters
+
+    def stale(path: str) -> bool:
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+
+    with tmpfs_mount(scratch / "m", "1m") as mounted:
+        monkeypatch.setattr(mounters.native, "is_mountpoint", stale)
+        assert mounters.SYSCALLS.is_mounted(str(mounted))
+        (scratch / "plain").mkdir()
+        assert not mounters.SYSCALLS.is_mounted(str(scratch / "plain"))
