@@ -193,10 +193,11 @@ def _sorted_entries(fd: int) -> list[os.DirEntry[str]]:
         return sorted(entries, key=lambda entry: os.fsencode(entry.name))
 
 
-def write_tree(root: str, out_fd: int, options: ExportOptions) -> None:
-    """Archives the tree at root (not root itself), in lexical order like Go's Walk."""
+def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
+    """Archives the tree at root (not root itself), in lexical order like Go's Walk. root is
+    a path, or the fd of a directory (the caller keeps it)."""
     writer = TarWriter(out_fd, options)
-    root_fd = os.open(root, DIR_FLAGS)
+    root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
     stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [
         (root_fd, "", iter(_sorted_entries(root_fd)))]
     try:

@@ -124,6 +124,8 @@ class Extractor:
                         raise OSError(error.errno, f"{error.strerror} while unpacking entry "
                                       f"{name!r}", self.tree.path) from error
                     raise DiffError(f"entry {name!r}: {error.strerror or error}") from error
+                finally:
+                    self.tree.settle()  # no directory fd is held from one entry to the next
                 self.result.entries += 1
                 self.result.header_bytes += header.realsize or header.size
             self._set_directory_times()
@@ -146,6 +148,7 @@ class Extractor:
             return  # Docker keeps the layer root's own mode and owner
         base = parts[-1]
         parent = "/".join(parts[:-1])
+        header_path = "/".join(parts)
         if base.startswith(whiteouts.PREFIX) and self.options.whiteouts is not WhiteoutMode.LITERAL:
             self._whiteout(parent, base, header)
             return
@@ -162,7 +165,7 @@ class Extractor:
             try:
                 fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
             except FileExistsError:
-                self.tree.remove(parent_fd, base)
+                self.tree.remove(parent_fd, header_path)
                 fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
             self._regular_file(fd, header, reader, uid, gid)
             return
@@ -171,7 +174,7 @@ class Extractor:
             if kind == DIRECTORY and stat.S_ISDIR(existing.st_mode):
                 self._finish_directory(parent_fd, base, parts, header, uid, gid)
                 return
-            self.tree.remove(parent_fd, base, existing)
+            self.tree.remove(parent_fd, header_path, existing)
         if kind == DIRECTORY:
             os.mkdir(base, 0o700, dir_fd=parent_fd)
             self._finish_directory(parent_fd, base, parts, header, uid, gid)
@@ -303,7 +306,7 @@ class Extractor:
         target = _check_whiteout_target(base)
         if mode is WhiteoutMode.OVERLAY:
             parent_fd = self.tree.open_dir(parent, create=True, owner=self._owner_of_new_dirs)
-            self.tree.remove(parent_fd, target)
+            self.tree.remove(parent_fd, _join(parent, target))
             os.mknod(target, stat.S_IFCHR, 0, dir_fd=parent_fd)
             uid, gid = self._host_owner(header)
             self._chown_entry(parent_fd, target, uid, gid)
@@ -312,32 +315,33 @@ class Extractor:
             parent_fd = self.tree.open_dir(parent)
         except (FileNotFoundError, NotADirectoryError):
             return  # nothing there to delete
-        self.tree.remove(parent_fd, target)
+        self.tree.remove(parent_fd, _join(parent, target))
 
     def _make_opaque(self, parent: str) -> None:
-        """APPLY mode: drop everything under parent that this layer did not unpack."""
+        """APPLY mode: drop everything under parent that this layer did not unpack. A walk
+        with a list of pending directories, one fd open at a time: no recursion, whatever
+        the depth."""
         try:
-            directory = self.tree.open_dir(parent)
+            self.tree.open_dir(parent)
         except FileNotFoundError:
             raise ValueError(f"opaque marker for a directory {parent!r} that does not exist"
                              ) from None
-        self._prune(directory, parent)
-
-    def _prune(self, directory: int, relative: str) -> None:
-        for name in sorted(os.listdir(directory)):
-            child = f"{relative}/{name}" if relative else name
-            info = self.tree.lstat(directory, name)
-            if info is None:
-                continue
-            if child not in self._unpacked:
-                self.tree.remove(directory, name, info)
-            elif stat.S_ISDIR(info.st_mode):
-                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                | os.O_CLOEXEC, dir_fd=directory)
-                try:
-                    self._prune(inner, child)
-                finally:
-                    os.close(inner)
+        pending = [parent]
+        while pending:
+            relative = pending.pop()
+            directory = self.tree.open_new(relative)
+            try:
+                for name in sorted(os.listdir(directory)):
+                    child = _join(relative, name)
+                    info = self.tree.lstat(directory, name)
+                    if info is None:
+                        continue
+                    if child not in self._unpacked:
+                        self.tree.remove(directory, child, info)
+                    elif stat.S_ISDIR(info.st_mode):
+                        pending.append(child)
+            finally:
+                os.close(directory)
 
     def _mark_unpacked(self, parts: list[str]) -> None:
         for depth in range(1, len(parts) + 1):
@@ -396,6 +400,7 @@ class Extractor:
             except OSError:
                 continue  # removed by a later entry
             os.utime(fd, ns=(atime, mtime))
+            self.tree.settle()
 
     def _warn_once(self, key: str, message: str, *arguments: object) -> None:
         if key not in self._warned:
@@ -408,6 +413,10 @@ def _check_whiteout_target(base: str) -> str:
     if target in ("", ".", ".."):
         raise ValueError(f"whiteout {base!r} names no entry it could delete")
     return target
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
 
 
 def _describe(kind: bytes) -> str:

@@ -71,7 +71,10 @@ def parse_header(block: bytes) -> TarHeader:
                        size=size, mtime_ns=mtime * 1_000_000_000,
                        linkname=os.fsdecode(linkname) if linkname else "",
                        devmajor=devmajor, devminor=devminor)
-    if gnu and typeflag == GNU_SPARSE:
+    if typeflag == GNU_SPARSE:
+        if not gnu:  # star's sparse headers share the typeflag with another layout (as Go)
+            raise TarFormatError(f"entry {header.name!r}: a GNU sparse entry (typeflag 'S') "
+                                 "without the GNU magic")
         header.sparse = parse_gnu_sparse_entries(block[386:482])
         header.realsize = parse_number(block[483:495], "realsize")
     return header
@@ -190,20 +193,52 @@ def apply_pax(header: TarHeader, records: dict[str, bytes]) -> None:
             header.sparse = []  # the map is at the start of the data
 
 
-def parse_sparse_map_1_0(data: bytes) -> tuple[list[tuple[int, int]], int]:
-    """GNU sparse 1.0: decimal numbers, one per line, at the start of the member's data:
-    the count, then offset and length pairs; padded to a block. Returns (map, bytes used)."""
-    lines = data.split(b"\n")[:-1]  # only lines whose newline has arrived
-    try:
-        count = int(lines[0])
-        numbers = [int(line) for line in lines[1:1 + 2 * count]]
-    except (ValueError, IndexError):
-        raise TarFormatError("unreadable GNU sparse 1.0 map") from None
-    if len(numbers) != 2 * count or count < 0:
-        raise TarFormatError("truncated GNU sparse 1.0 map")
-    used = sum(len(line) + 1 for line in lines[:1 + 2 * count])
-    used = -(-used // BLOCK) * BLOCK
-    return [(numbers[i], numbers[i + 1]) for i in range(0, len(numbers), 2)], used
+MAX_DECIMAL_DIGITS = 20  # a sparse offset or length fits in 64 bits
+
+
+class SparseMapParser:
+    """GNU sparse 1.0 keeps its map at the start of the member's data, padded to a block:
+    decimal numbers, one per line, the count first, then offset and length pairs. Fed one
+    block at a time, each byte is parsed once; a map longer than `limit` bytes is refused."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # bytes fed: the map with its padding, once complete
+        self.segments: list[tuple[int, int]] = []
+        self._count: int | None = None
+        self._offset: int | None = None
+        self._partial = b""
+
+    def feed(self, block: bytes) -> bool:
+        """Takes the next block of the member's data; True once the map is complete."""
+        self.used += len(block)
+        lines = (self._partial + block).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if self._take(line):
+                return True
+        if len(self._partial) > MAX_DECIMAL_DIGITS:
+            raise TarFormatError("unreadable GNU sparse 1.0 map")
+        if self.used >= self.limit:
+            raise TarFormatError(f"a GNU sparse 1.0 map longer than {self.limit} bytes")
+        return False
+
+    def _take(self, line: bytes) -> bool:
+        if not line.isdigit() or len(line) > MAX_DECIMAL_DIGITS:
+            raise TarFormatError("unreadable GNU sparse 1.0 map")
+        number = int(line)
+        if self._count is None:
+            # each segment takes at least 4 bytes ("0\n0\n"): refuse a count that cannot fit
+            if number > (self.limit - len(line) - 1) // 4:
+                raise TarFormatError(f"a GNU sparse 1.0 map of {number} segments is longer "
+                                     f"than {self.limit} bytes")
+            self._count = number
+        elif self._offset is None:
+            self._offset = number
+        else:
+            self.segments.append((self._offset, number))
+            self._offset = None
+        return len(self.segments) == self._count and self._offset is None
 
 
 # ---- writing --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from aufs.archive.format import (
     PAX_GLOBAL,
     PAX_LOCAL,
     ZERO_BLOCK,
+    SparseMapParser,
     TarFormatError,
     TarHeader,
     apply_pax,
@@ -27,7 +28,6 @@ from aufs.archive.format import (
     parse_gnu_sparse_entries,
     parse_header,
     parse_pax,
-    parse_sparse_map_1_0,
 )
 
 if TYPE_CHECKING:
@@ -226,21 +226,16 @@ class TarReader:
                 raise TarFormatError("a sparse map of more than a million segments")
 
     def _read_sparse_map(self, header: TarHeader) -> None:
-        """GNU sparse 1.0 keeps its map in the first blocks of the data, padded to a block:
-        read block by block until the map is complete."""
-        raw = b""
-        while True:
-            if len(raw) >= min(header.size, MAX_EXTENDED_HEADER):
-                raise TarFormatError("unreadable GNU sparse 1.0 map")
-            raw += self.read_data(BLOCK)
-            try:
-                segments, used = parse_sparse_map_1_0(raw)
-            except TarFormatError:
-                continue
-            break
-        assert used == len(raw), "a complete map ends in the block that completes it"
-        header.sparse = segments
-        header.size -= used
+        """GNU sparse 1.0 keeps its map in the first blocks of the data: parsed as it is
+        read, block by block, once."""
+        parser = SparseMapParser(min(header.size, MAX_EXTENDED_HEADER))
+        try:
+            while not parser.feed(self.read_data(BLOCK)):
+                pass
+        except TarFormatError as error:
+            raise TarFormatError(f"entry {header.name!r}: {error}") from None
+        header.sparse = parser.segments
+        header.size -= parser.used
 
     def _end_of_archive(self) -> None:
         """After one zero block: a second one (or the stream's end) ends the archive, and
@@ -250,5 +245,5 @@ class TarReader:
             raise TarFormatError("a zero block in the middle of the archive")
         while self._fill():
             if self._recorder is not None:  # kept: the layer's digest covers it
-                self._recorder.consume(self._view[self._start:self._end])
+                self._recorder.consume_trailing(self._view[self._start:self._end])
             self._start = self._end

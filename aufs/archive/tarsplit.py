@@ -211,6 +211,24 @@ class TarSplitRecorder:
                             "padding in the archive; refusing to record them")
         self._pending += piece
 
+    def consume_trailing(self, piece: bytes | memoryview) -> None:
+        """Bytes after the end-of-archive blocks, which apply ignores. Past the caps they
+        make the archive unusable for replay (no record is kept), not an error: trailing
+        data is valid, and the layer's digest still covers it."""
+        if self.unusable is not None:
+            if self._hash is not None:
+                self._hash.update(piece)
+            return
+        if (len(self._pending) + len(piece) > self.max_entry_bytes
+                or self.raw_bytes + len(piece) > self.max_total_bytes):
+            self.unusable = (f"more than {self.max_entry_bytes} bytes after the end of the "
+                             "archive")
+            self._pending.clear()
+            if self._hash is not None:
+                self._hash.update(piece)
+            return
+        self.consume(piece)
+
     def begin_file(self, header: TarHeader) -> None:
         self.end_file()
         self._flush_segment()

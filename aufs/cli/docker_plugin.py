@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 
-from aufs import Driver
 from aufs.docker.plugin import GraphDriverPlugin, default_socket, init_record_path, serve
+from aufs.store.driver import Driver
 
 EXAMPLE = "aufs docker-plugin --name aufs & dockerd --experimental --storage-driver aufs"
 

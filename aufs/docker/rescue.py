@@ -20,14 +20,16 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
+from aufs.archive.beneath import open_directory_no_symlinks, open_regular_file
 from aufs.archive.export import ExportOptions, write_tree
 from aufs.archive.tarsplit import FILE_NAME as TAR_SPLIT_FILE
 from aufs.archive.tarsplit import read_entries, replay
-from aufs.errors import AufsError
+from aufs.errors import AufsError, InvalidLayerIDError
+from aufs.ids import validate_layer_id
 from aufs.images.digests import chain_ids, parse_digest
 from aufs.images.sources import REF_NAME
-from aufs.store.diffs import FileGetter
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,22 @@ class RescuedImage:
     diff_ids: list[str]
     exact: bool  # every layer rebuilt byte for byte from tar-split
     notes: list[str] = field(default_factory=list)
+
+
+class LayerFiles:
+    """The files of one layer directory of a Docker root being rescued (untrusted): opened
+    by name below its fd, never through a symlink, and only if they are regular files."""
+
+    def __init__(self, directory_fd: int) -> None:
+        self.fd = directory_fd
+
+    def get(self, name: str) -> BinaryIO:
+        try:
+            return os.fdopen(open_regular_file(self.fd, name.lstrip("/")), "rb")
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            raise RescueError(f"tar-split names {name!r}: {error.strerror}") from None
 
 
 class DockerAufsRoot:
@@ -89,8 +107,29 @@ class DockerAufsRoot:
         return os.path.join(self.image_dir, "layerdb", "sha256", chain_id)
 
     def cache_id(self, chain_id: str) -> str:
+        """The layer's directory name under aufs/diff/, checked to be a layer id: a crafted
+        root could name any host directory (issue 16)."""
         with open(os.path.join(self.layer_dir(chain_id), "cache-id")) as handle:
-            return handle.read().strip()
+            cache_id = handle.read().strip()
+        try:
+            return validate_layer_id(cache_id, f"layerdb cache-id of {chain_id[:12]}")
+        except InvalidLayerIDError as error:
+            raise RescueError(f"{error}: refused") from None
+
+    def open_layer_directory(self, cache_id: str) -> int:
+        """An fd of aufs/diff/<cache_id>, opened below the root without following a
+        symlink on the way."""
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_directory_no_symlinks(root, f"aufs/diff/{cache_id}")
+        except FileNotFoundError:
+            raise RescueError(f"aufs/diff/{cache_id} is missing: the layer's files are gone"
+                              ) from None
+        except OSError as error:
+            raise RescueError(f"aufs/diff/{cache_id}: {error.strerror} ({error.filename}): "
+                              "refused") from None
+        finally:
+            os.close(root)
 
 
 def rescue(docker_root: str, destination: str, progress: Progress | None = None
@@ -186,16 +225,23 @@ def _rescue_layer(source: DockerAufsRoot, chain_id: str, diff_id: str, blobs: st
     except FileNotFoundError:
         raise RescueError(f"layer {chain_id} has no layerdb entry; the root is incomplete"
                           ) from None
-    branch = os.path.join(source.diff_dir, cache_id)
-    if not os.path.isdir(branch):
-        raise RescueError(f"aufs/diff/{cache_id} is missing: the layer's files are gone")
+    branch = source.open_layer_directory(cache_id)
+    try:
+        return _archive_layer(source, chain_id, diff_id, blobs, branch)
+    finally:
+        os.close(branch)
+
+
+def _archive_layer(source: DockerAufsRoot, chain_id: str, diff_id: str, blobs: str,
+                   branch: int) -> tuple[str, int, str]:
+    target = os.path.join(blobs, parse_digest(diff_id))
     partial = target + ".partial"
     journal_path = os.path.join(source.layer_dir(chain_id), TAR_SPLIT_FILE)
     note = ""
     try:
-        with gzip.open(journal_path, "rb") as journal, FileGetter(branch) as files, \
-                open(partial, "wb") as out:
-            rebuilt = replay(read_entries(journal), files, out.write)  # type: ignore[arg-type]
+        with gzip.open(journal_path, "rb") as journal, open(partial, "wb") as out:
+            rebuilt = replay(read_entries(journal), LayerFiles(branch),  # type: ignore[arg-type]
+                             out.write)
         if rebuilt != diff_id:
             note = f"the tar-split rebuild gives {rebuilt[:19]}, not the recorded diff_id"
     except FileNotFoundError as error:

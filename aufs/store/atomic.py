@@ -6,12 +6,10 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
-import sys
 import tempfile
 import time
-from typing import Any
 
+from aufs.archive import beneath
 from aufs.ids import REMOVING_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -44,14 +42,14 @@ def atomic_write(path: str, data: bytes, *, temp_dir: str, mode: int = 0o644) ->
 
 
 def _rmtree_ignoring_missing(path: str) -> None:
-    def ignore_missing(function: Any, failed: str, error: BaseException) -> None:
-        if not isinstance(error, FileNotFoundError):
-            raise error
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=ignore_missing)
-    else:
-        shutil.rmtree(path, onerror=lambda f, p, info: ignore_missing(f, p, info[1]))
+    # not shutil.rmtree: before Python 3.13 it recurses once per level, and a layer from an
+    # archive can be 2,000 directories deep
+    parent, name = os.path.split(os.path.abspath(path))
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        beneath.remove_tree(parent_fd, name, missing_ok=True)
+    finally:
+        os.close(parent_fd)
 
 
 def remove_tree(path: str, *, busy_attempts: int = 50, busy_delay: float = 0.1) -> None:

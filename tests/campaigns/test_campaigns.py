@@ -40,3 +40,11 @@ def test_concurrency_campaign_short(tmp_path: Path) -> None:
                                                  processes=2, backend="overlay")
     assert total.operations > 100
     assert violations == []
+
+
+def test_fuzz_threads_short(tmp_path: Path) -> None:
+    """Two appliers and a differ on one driver (issue 16): nothing crosses layers."""
+    arena = fuzz.Arena(tmp_path)
+    result = fuzz.race_appliers_and_differ(arena.driver, arena.sentinel, rounds=8, seed=5)
+    assert result.violations == []
+    assert result.applied >= 16 and result.diffs >= 1
