@@ -193,21 +193,48 @@ def _sorted_entries(fd: int) -> list[os.DirEntry[str]]:
         return sorted(entries, key=lambda entry: os.fsencode(entry.name))
 
 
+# Directory fds a walk keeps open at once: the deepest levels of its path (and the root).
+# Shallower ones are closed on the way down and opened again, without following a link, on
+# the way back up, so a path of any depth walks within a small fd budget.
+OPEN_LEVELS = 64
+
+
+class _Level:
+    __slots__ = ("fd", "prefix", "entries")
+
+    def __init__(self, fd: int, prefix: str, entries: Iterator[os.DirEntry[str]]) -> None:
+        self.fd = fd  # -1 while closed to save fds
+        self.prefix = prefix  # the directory's name in the archive, with a slash ("" at root)
+        self.entries = entries
+
+
+def _reopen(stack: list[_Level]) -> int:
+    """The fd of the deepest level, opened again below its nearest open ancestor."""
+    index = len(stack) - 1
+    while stack[index].fd < 0:
+        index -= 1
+    below = stack[-1].prefix[len(stack[index].prefix):].rstrip("/")
+    stack[-1].fd = native.open_directory_stepwise(stack[index].fd, below.split("/"))
+    return stack[-1].fd
+
+
 def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
     """Archives the tree at root (not root itself), in lexical order like Go's Walk. root is
     a path, or the fd of a directory (the caller keeps it)."""
     writer = TarWriter(out_fd, options)
     root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
-    stack: list[tuple[int, str, Iterator[os.DirEntry[str]]]] = [
-        (root_fd, "", iter(_sorted_entries(root_fd)))]
+    stack = [_Level(root_fd, "", iter(_sorted_entries(root_fd)))]
     try:
         while stack:
-            parent_fd, prefix, entries = stack[-1]
-            entry = next(entries, None)
+            level = stack[-1]
+            entry = next(level.entries, None)
             if entry is None:
                 stack.pop()
-                os.close(parent_fd)
+                if level.fd >= 0:
+                    os.close(level.fd)
                 continue
+            parent_fd = level.fd if level.fd >= 0 else _reopen(stack)
+            prefix = level.prefix
             base = entry.name
             name = prefix + base
             if (options.skip_aufs_metadata and not prefix
@@ -228,14 +255,20 @@ def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
                 if (options.convert_whiteouts and whiteouts.is_opaque(child_fd)
                         and not any(c.name == whiteouts.OPAQUE_MARKER for c in children)):
                     writer.add_opaque_marker(name, info)
-                stack.append((child_fd, f"{name}/", iter(children)))
+                stack.append(_Level(child_fd, f"{name}/", iter(children)))
+                if len(stack) > OPEN_LEVELS + 1:  # the root stays open: the anchor
+                    shallow = stack[-OPEN_LEVELS - 1]
+                    if shallow.fd >= 0:
+                        os.close(shallow.fd)
+                        shallow.fd = -1
         writer.close()
     except BaseException:
         writer.abort()
         raise
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        for level in stack:
+            if level.fd >= 0:
+                os.close(level.fd)
 
 
 def write_entries(root: str, names: Iterable[tuple[str, bool]], out_fd: int,

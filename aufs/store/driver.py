@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -38,6 +39,20 @@ from aufs.store.mounters import MNT_DETACH, Mounter
 from aufs.store.retry import RetryPolicy, unmount_with_retries
 
 log = logging.getLogger(__name__)
+
+
+def raise_open_file_limit() -> int:
+    """Lifts the soft limit on open files to the hard one, as Go's runtime does for dockerd
+    since Go 1.19: a tree walk keeps a directory fd or two per level, and a layer may nest
+    thousands of levels deep (a 1,000-level path is a valid archive) while Python starts
+    with Linux's 1,024. Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+    return soft
 
 IDTriples = Iterable[Sequence[int]]
 
@@ -70,6 +85,7 @@ class Driver:
     ) -> None:
         if options:
             raise ValueError(f"unknown driver options {list(options)!r}: this driver takes none")
+        raise_open_file_limit()
         self.root = os.path.abspath(os.fspath(root))
         bad = sorted(set(self.root) & set(":,="))
         if bad:

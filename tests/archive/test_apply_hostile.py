@@ -447,6 +447,37 @@ def test_a_thousand_components(layer: tuple[aufs.Driver, str]) -> None:
     assert not branch.exists()
 
 
+def test_a_thousand_components_within_a_small_fd_limit(tmp_path: Path) -> None:
+    """Python starts with a soft limit of 1,024 open files (the AUFS guest's kernel gives
+    1,024 soft, 4,096 hard), and a tree walk keeps a directory fd or two per level: the
+    driver lifts the soft limit to the hard one, as Go does for dockerd, and diff keeps at
+    most export.OPEN_LEVELS levels open."""
+    import resource
+    import subprocess
+
+    script = f"""
+import io, sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+import aufs
+from tarbuild import archive, member
+deep = "/".join(["a"] * 1000)
+driver = aufs.Driver({str(tmp_path / "store")!r})
+driver.create("deep")
+driver.apply_diff("deep", "", io.BytesIO(archive([member(deep + "/f", data=b"x")])))
+# a second archive unpacks into a clone of the layer: a walk of the whole depth
+driver.apply_diff("deep", "", io.BytesIO(archive([member(deep + "/g", data=b"y")])))
+with driver.diff("deep") as stream:
+    data = stream.read()
+assert (deep + "/f").encode() in data
+print("ok")
+"""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def test_a_thousand_components_with_whiteouts(tmp_path: Path) -> None:
     """The naive path's opaque prune and whiteouts walk the depth without recursion."""
     deep = "/".join(["a"] * 1000)
