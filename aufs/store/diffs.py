@@ -22,12 +22,21 @@ from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
 from aufs.archive.idmap import IdentityMapping
 from aufs.archive.staging import clone_tree, exchange
 from aufs.archive.tarsplit import TarSplitError, TarSplitRecorder, read_entries, replay
-from aufs.errors import AufsError, DiffError, LayerInUseError, LayerNotFoundError
+from aufs.errors import (
+    AufsError,
+    DiffError,
+    LayerInUseError,
+    LayerNotFoundError,
+    MountError,
+    UnmountBusyError,
+)
 from aufs.ids import validate_layer_id
 from aufs.store.atomic import remove_tree
 from aufs.store.backends import Backend, MountRequest
 from aufs.store.layout import CorruptStoreError, Store, TarSplitRecord
 from aufs.store.locking import LayerReferences, StoreLocks
+from aufs.store.mounters import MNT_DETACH
+from aufs.store.retry import RetryPolicy, unmount_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +75,8 @@ class LayerDiffs:
 
     def __init__(self, store: Store, backend: Backend, locks: StoreLocks, *,
                  get: Callable[[str], str], put: Callable[[str], None],
-                 whiteout_format: str, id_mapping: IdentityMapping) -> None:
+                 whiteout_format: str, id_mapping: IdentityMapping,
+                 retry_policy: RetryPolicy | None = None) -> None:
         self.store = store
         self.backend = backend
         self.locks = locks
@@ -74,6 +84,7 @@ class LayerDiffs:
         self.put = put
         self.whiteout_format = whiteout_format
         self.id_mapping = id_mapping
+        self.retry_policy = retry_policy or RetryPolicy()
 
     # ---- which path ----------------------------------------------------------------------
 
@@ -366,10 +377,37 @@ class LayerDiffs:
             result = extract(stream, target, ExtractOptions(WhiteoutMode.APPLY,
                                                             self.id_mapping,
                                                             allow_devices))
-        finally:
-            backend.before_unmount(target)
-            backend.unmount(target, 0)
+        except BaseException:
+            with contextlib.suppress(AufsError):  # the archive's error is the one to tell
+                self._unmount_private(layer_id, target)
+            raise
+        self._unmount_private(layer_id, target)
         return result.header_bytes
+
+    def _unmount_private(self, layer_id: str, target: str) -> None:
+        """Takes down the private union of a naive apply, retrying EBUSY as the driver's
+        policy says: a subprocess that another thread forks (a fuse-overlayfs for another
+        layer, say) holds a copy of our fds into the union until it execs, which makes a
+        single umount2 fail now and then. A union still busy after the retries is detached
+        lazily, so that the staging dir under it is removed without walking into the union
+        (through which rmdir deletes into the upper dir, or fails), and the apply fails with
+        UnmountBusyError: the union was still in use, so its upper dir is not swapped in."""
+        backend = self.backend
+        backend.before_unmount(target)
+        try:
+            unmount_with_retries(backend.unmount, target, self.retry_policy)
+        except UnmountBusyError as error:
+            try:
+                backend.unmount(target, MNT_DETACH)
+            except OSError as detach_error:
+                raise MountError(f"layer {layer_id!r}: cannot detach the private union of a "
+                                 f"naive apply at {target}: {detach_error.strerror}",
+                                 errno=detach_error.errno or 0, target=target) from error
+            raise UnmountBusyError(
+                f"layer {layer_id!r} is unchanged: the union its diff was unpacked into "
+                f"stayed busy through {max(1, self.retry_policy.unmount_attempts)} unmount "
+                "attempts (a process held a file there); it was detached lazily. Retry",
+                errno=error.errno, target=target) from error
 
     def diff_getter(self, layer_id: str) -> FileGetter:
         layer_id, _ = self._check(layer_id, "")

@@ -120,7 +120,8 @@ class Driver:
         self._mount_requests: dict[str, tuple[MountChain, str, MountRequest]] = {}
         self._diffs = LayerDiffs(self._store, self._backend, self._locks, get=self.get,
                                  put=self.put, whiteout_format=store_format,
-                                 id_mapping=self.id_mapping)
+                                 id_mapping=self.id_mapping,
+                                 retry_policy=self.retry_policy)
 
     # ---- identity -------------------------------------------------------------------------
 

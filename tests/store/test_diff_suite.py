@@ -207,6 +207,113 @@ def test_naive_apply_marks_only_whiteouts_that_delete(driver: aufs.Driver,
         assert sorted(names_in(stream.read())) == [".wh.gone", ".wh.kept"]
 
 
+UNION_BACKENDS = {"overlay": aufs.OverlayBackend, "fuse-overlayfs": aufs.FuseOverlayfsBackend}
+
+
+def held_union_backend(name: str, busy_unmounts: int | None) -> aufs.Backend:
+    """A backend whose naive-apply unions stay busy: a directory in them is held open, as a
+    child that another thread forks holds our fds until it execs (issue 16's race, where a
+    single umount2 failed with EBUSY). The first busy_unmounts unmounts of such a union
+    fail with the kernel's real EBUSY; None: each stays held until release()."""
+
+    class Held(UNION_BACKENDS[name]):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[int] = []
+            self.unmounts = 0
+            self.holding = True
+
+        def before_unmount(self, target: str) -> None:
+            super().before_unmount(target)
+            # only the private union of a naive apply, under staging/
+            if self.holding and f"{os.sep}staging{os.sep}" in target:
+                self.held.append(os.open(os.path.join(target, "usr"),
+                                         os.O_RDONLY | os.O_DIRECTORY))
+
+        def unmount(self, target: str, flags: int) -> None:
+            try:
+                super().unmount(target, flags)
+            finally:
+                self.unmounts += 1
+                if busy_unmounts is not None and self.unmounts >= busy_unmounts:
+                    while self.held:
+                        os.close(self.held.pop())
+
+        def release(self) -> None:
+            """Closes what is held, and holds nothing from now on."""
+            self.holding = False
+            while self.held:
+                os.close(self.held.pop())
+
+    return Held()
+
+
+NAIVE_BASE = [directory("usr"), directory("usr/lib"), directory("usr/lib/old"),
+              member("usr/lib/old/f", data=b"old"), member("usr/lib/keep", data=b"k"),
+              member("usr/kept", data=b"kept")]
+NAIVE_CHANGE = [directory("usr"), directory("usr/lib"), member("usr/lib/.wh..wh..opq"),
+                member("usr/lib/new", data=b"new"), member("usr/.wh.kept")]
+
+
+@pytest.mark.parametrize("name", sorted(UNION_BACKENDS))
+def test_naive_apply_retries_a_busy_union(scratch: Path, name: str) -> None:
+    """The private union of a naive apply is busy at the first unmount: the apply retries
+    and succeeds. (It raised a bare OSError: EBUSY, or ENOTEMPTY from the staging cleanup
+    that walked into the still-mounted union; and it left the mount in staging.)"""
+    reason = backend_unavailable(name)
+    if reason:
+        pytest.skip(reason)
+    backend = held_union_backend(name, busy_unmounts=1)
+    driver = aufs.Driver(scratch / "aufs", backend=backend,
+                         retry_policy=aufs.RetryPolicy(unmount_delay=0))
+    try:
+        driver.create("base")
+        driver.apply_diff("base", "", io.BytesIO(archive(NAIVE_BASE)))
+        driver.create("naive", "base")
+        driver.apply_diff("naive", "", io.BytesIO(archive(NAIVE_CHANGE)))  # through the union
+        assert backend.unmounts == 2
+        with driver.mounted("naive") as path:
+            seen = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*"))
+        assert seen == ["usr", "usr/lib", "usr/lib/new"]
+        assert os.listdir(driver.store.staging_dir) == []
+    finally:
+        backend.release()
+        driver.cleanup()
+
+
+@pytest.mark.parametrize("name", sorted(UNION_BACKENDS))
+def test_naive_apply_through_a_union_that_stays_busy(scratch: Path, name: str) -> None:
+    """A union still busy after the retries: UnmountBusyError, the layer unchanged, the
+    union detached and the staging dir gone (no walk into the mounted union)."""
+    reason = backend_unavailable(name)
+    if reason:
+        pytest.skip(reason)
+    backend = held_union_backend(name, busy_unmounts=None)
+    driver = aufs.Driver(scratch / "aufs", backend=backend,
+                         retry_policy=aufs.RetryPolicy(unmount_attempts=2, unmount_delay=0))
+    try:
+        driver.create("base")
+        driver.apply_diff("base", "", io.BytesIO(archive(NAIVE_BASE)))
+        driver.create("naive", "base")
+        backend.holding = False
+        driver.apply_diff("naive", "", io.BytesIO(archive([member("first", data=b"1")])))
+        backend.holding = True
+        branch = Path(driver.store.diff_path("naive"))
+        before = tree_snapshot(branch)
+        with pytest.raises(aufs.UnmountBusyError, match="'naive' is unchanged"):
+            driver.apply_diff("naive", "", io.BytesIO(archive(NAIVE_CHANGE)))
+        assert tree_snapshot(branch) == before
+        assert os.listdir(driver.store.staging_dir) == []
+        backend.release()
+        driver.apply_diff("naive", "", io.BytesIO(archive(NAIVE_CHANGE)))  # released: it works
+        with driver.mounted("naive") as path:
+            seen = sorted(str(p.relative_to(path)) for p in Path(path).rglob("*"))
+        assert seen == ["first", "usr", "usr/lib", "usr/lib/new"]
+    finally:
+        backend.release()
+        driver.cleanup()
+
+
 # ---- what survives a round trip ----------------------------------------------------------------
 
 
