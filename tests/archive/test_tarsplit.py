@@ -34,6 +34,26 @@ def test_crc64_iso_matches_go(impl: ModuleType) -> None:
     assert impl.crc64_iso(impl.crc64_iso(0, data[:1001]), data[1001:]) == impl.crc64_iso(0, data)
 
 
+
+def test_crc64_iso_every_length_and_split(impl: ModuleType) -> None:
+    # lengths around the native code's 16- and 64-byte folding steps, from any register
+    # value and split anywhere, against the bit-by-bit definition
+    def bitwise(crc: int, data: bytes) -> int:
+        crc ^= (1 << 64) - 1
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0xD800000000000000 if crc & 1 else 0)
+        return crc ^ ((1 << 64) - 1)
+
+    data = bytes((index * 167 + 13) % 251 for index in range(700))
+    for size in [*range(0, 200), 255, 256, 257, 383, 511, 512, 513, 700]:
+        start = (size * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+        expected = bitwise(start, data[:size])
+        assert impl.crc64_iso(start, data[:size]) == expected, size
+        cut = size // 3
+        assert impl.crc64_iso(impl.crc64_iso(start, data[:cut]), data[cut:size]) == expected
+
 def sample_archive() -> bytes:
     return archive([
         directory("etc/"),
