@@ -8,14 +8,17 @@ aufs/_fallback.py is its pure-Python twin and the readable spec of each function
 import os
 import operator
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.string cimport memset
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
 from aufs._fallback import parse_tar_number  # no hot path: one implementation
+from aufs._fallback import tarsplit_lines as _tarsplit_lines_spec
 
 IMPLEMENTATION = "native"
 
@@ -405,3 +408,168 @@ def directory_size(path, *, threads=0):
     if rc < 0:
         raise _os_error(-rc, os.fsdecode(<bytes>error_path) if error_path[0] else path)
     return size
+
+
+# ---- tar-split's JSON lines ----------------------------------------------------------------
+
+cdef const char *BASE64_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+cdef const char *HEX_DIGITS = b"0123456789abcdef"
+
+
+cdef struct LineBuffer:
+    char *data
+    size_t used
+    size_t size
+
+
+cdef int reserve(LineBuffer *out, size_t more) except -1:
+    cdef size_t size = out.size
+    cdef char *grown
+    if out.used + more <= size:
+        return 0
+    while out.used + more > size:
+        size = size * 2 + 4096
+    grown = <char *>PyMem_Realloc(out.data, size)
+    if grown == NULL:
+        raise MemoryError()
+    out.data = grown
+    out.size = size
+    return 0
+
+
+cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept:
+    memcpy(out.data + out.used, text, size)
+    out.used += size
+
+
+cdef void put_base64(LineBuffer *out, const unsigned char *data, size_t size) noexcept nogil:
+    cdef char *target = out.data + out.used
+    cdef size_t index = 0
+    cdef uint32_t word
+    while index + 3 <= size:
+        word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8) | data[index + 2]
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = BASE64_DIGITS[(word >> 6) & 63]
+        target[3] = BASE64_DIGITS[word & 63]
+        target += 4
+        index += 3
+    if size - index == 1:
+        word = <uint32_t>data[index] << 16
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = b"="
+        target[3] = b"="
+        target += 4
+    elif size - index == 2:
+        word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8)
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = BASE64_DIGITS[(word >> 6) & 63]
+        target[3] = b"="
+        target += 4
+    out.used = target - out.data
+
+
+cdef void put_decimal(LineBuffer *out, uint64_t value) noexcept:
+    cdef char digits[24]
+    cdef int count = 0
+    while True:
+        digits[23 - count] = <char>(48 + value % 10)
+        count += 1
+        value //= 10
+        if not value:
+            break
+    put(out, &digits[24 - count], count)
+
+
+cdef void put_ascii_json(LineBuffer *out, const unsigned char *text, size_t size) noexcept:
+    """As json.encoder.encode_basestring_ascii does for an ASCII string (6 bytes at most
+    each)."""
+    cdef char *target = out.data + out.used
+    cdef unsigned char byte
+    cdef size_t index
+    target[0] = b'"'
+    target += 1
+    for index in range(size):
+        byte = text[index]
+        if byte >= 32 and byte <= 126 and byte != 92 and byte != 34:
+            target[0] = <char>byte
+            target += 1
+            continue
+        target[0] = b"\\"
+        if byte == 34 or byte == 92:
+            target[1] = <char>byte
+        elif byte == 10:
+            target[1] = b"n"
+        elif byte == 13:
+            target[1] = b"r"
+        elif byte == 9:
+            target[1] = b"t"
+        elif byte == 8:
+            target[1] = b"b"
+        elif byte == 12:
+            target[1] = b"f"
+        else:
+            target[1] = b"u"
+            target[2] = b"0"
+            target[3] = b"0"
+            target[4] = HEX_DIGITS[byte >> 4]
+            target[5] = HEX_DIGITS[byte & 15]
+            target += 4
+        target += 2
+    target[0] = b'"'
+    out.used = target + 1 - out.data
+
+
+def tarsplit_lines(items, Py_ssize_t position):
+    """Docker's tar-split JSON lines for a run of entries numbered from position (see
+    aufs/_fallback.py, the spec): built in C, the names that are not ASCII by the spec."""
+    cdef LineBuffer out
+    cdef const unsigned char[::1] raw
+    cdef const char *text
+    cdef Py_ssize_t length
+    cdef unsigned char crc_bytes[8]
+    cdef uint64_t crc
+    cdef int shift
+    out.data = NULL
+    out.used = 0
+    out.size = 0
+    try:
+        for item in items:
+            if type(item) is tuple:
+                name, size, checksum = item
+                if not (<str>name).isascii():
+                    line = _tarsplit_lines_spec([item], position)
+                    reserve(&out, len(line))
+                    put(&out, line, len(line))
+                    position += 1
+                    continue
+                text = PyUnicode_AsUTF8AndSize(name, &length)
+                reserve(&out, 6 * <size_t>length + 120)
+                put(&out, b'{"type":1,"name":', 17)
+                put_ascii_json(&out, <const unsigned char *>text, length)
+                if size:
+                    put(&out, b',"size":', 8)
+                    put_decimal(&out, <uint64_t>size)
+                    crc = <uint64_t>checksum
+                    for shift in range(8):
+                        crc_bytes[shift] = <unsigned char>(crc >> (56 - 8 * shift))
+                    put(&out, b',"payload":"', 12)
+                    put_base64(&out, crc_bytes, 8)
+                    put(&out, b'","position":', 13)
+                else:
+                    put(&out, b',"payload":null,"position":', 27)
+            else:
+                raw = item
+                reserve(&out, (<size_t>raw.shape[0] + 2) // 3 * 4 + 64)
+                put(&out, b'{"type":2,"payload":"', 21)
+                if raw.shape[0]:
+                    put_base64(&out, &raw[0], raw.shape[0])
+                put(&out, b'","position":', 13)
+            put_decimal(&out, <uint64_t>position)
+            put(&out, b"}\n", 2)
+            position += 1
+        return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
+    finally:
+        PyMem_Free(out.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -164,3 +165,37 @@ def test_unreadable_records_raise(tmp_path: Path) -> None:
                 b'{"type":1,"size":3}\n'):
         with pytest.raises(TarSplitError):
             list(read_entries(io.BytesIO(bad)))
+
+
+def test_tarsplit_lines_are_docker_json(impl: ModuleType) -> None:
+    # the lines the recorder writes, against json.dumps of the same entries in Docker's
+    # field order: escapes, names that are not UTF-8, empty files, base64 padding
+    names = ["etc/hosts", 'q"\\\n\r\t\b\f\x01\x1f\x7f~ ', "café", "日本\U0001f600", "caf\udce9",
+             "x" * 300]
+    items: list[bytes | tuple[str, int, int]] = []
+    expected = []
+    position = 1 << 33
+    for index in range(60):
+        if index % 3 == 0:
+            raw = bytes(range(index % 7 + index))
+            items.append(raw)
+            entry: dict[str, object] = {"type": 2, "payload": base64.b64encode(raw).decode()}
+        else:
+            name = names[index % len(names)] + str(index)
+            size = (0, 1, 1 << 40)[index % 3]
+            crc = (index * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+            items.append((name, size, crc))
+            try:
+                entry = {"type": 1, "name": name.encode("utf-8") and name}
+            except UnicodeEncodeError:
+                raw_name = name.encode("utf-8", "surrogateescape")
+                entry = {"type": 1, "name_raw": base64.b64encode(raw_name).decode()}
+            if size:
+                entry["size"] = size
+                entry["payload"] = base64.b64encode(crc.to_bytes(8, "big")).decode()
+            else:
+                entry["payload"] = None
+        entry["position"] = position + index
+        expected.append(json.dumps(entry, separators=(",", ":")) + "\n")
+    assert impl.tarsplit_lines(items, position).decode() == "".join(expected)
+    assert impl.tarsplit_lines([], 0) == b""
