@@ -224,14 +224,24 @@ class TarSplitRecorder:
             return
         self.consume(piece)
 
-    def begin_file(self, header: TarHeader) -> None:
+    def begin_file(self, header: TarHeader, raw: bytes | memoryview = b"") -> None:
+        """A member's data starts; raw: the last of the bytes before it, if not consumed."""
         # this and end_file run once per member while a layer is applied, and their cost is
         # the recording's cost: they only collect, the lines are built on the other thread
         if self._file is not None:
             self.end_file()
-        if self._pending:
+        if self._pending or len(raw) > self.max_entry_bytes:
+            self.consume(raw)  # the checks, and what came before
             self._items.append(bytes(self._pending))
             self._pending.clear()
+        elif raw:
+            self.raw_bytes += len(raw)
+            if self.raw_bytes > self.max_total_bytes:
+                raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers "
+                                "and padding in the archive; refusing to record them")
+            if self._hash is not None:
+                self._hash.update(raw)
+            self._items.append(bytes(raw))
         name = header.name
         if header.sparse is not None and self.unusable is None:
             self.unusable = f"{name!r} is a sparse file"
@@ -242,9 +252,16 @@ class TarSplitRecorder:
         self._file = (name, header.size)
         self._crc = 0
 
-    def end_file(self) -> None:
+    def end_file(self, data: bytes | memoryview = b"") -> None:
+        """A member's data ends; data: the last of it, if not consumed."""
         if self._file is None:
+            if data:
+                self.consume(data)
             return
+        if data:
+            if self._hash is not None:
+                self._hash.update(data)
+            self._crc = native.crc64_iso(self._crc, data)
         self._items.append((*self._file, self._crc))
         self._file = None
         if len(self._items) >= _BATCH_ITEMS or self.raw_bytes - self._handed_raw >= _BATCH:

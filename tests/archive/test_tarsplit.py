@@ -14,6 +14,7 @@ from types import ModuleType
 import pytest
 
 from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.reader import TarReader
 from aufs.archive.tarsplit import (
     FILE_ENTRY,
     SEGMENT_ENTRY,
@@ -199,3 +200,23 @@ def test_tarsplit_lines_are_docker_json(impl: ModuleType) -> None:
         expected.append(json.dumps(entry, separators=(",", ":")) + "\n")
     assert impl.tarsplit_lines(items, position).decode() == "".join(expected)
     assert impl.tarsplit_lines([], 0) == b""
+
+
+def test_record_does_not_depend_on_the_reader_buffer() -> None:
+    # the reader hands the recorder spans of its buffer, before each refill too: a buffer
+    # smaller than a member's headers and data gives the same record and digest
+    data = sample_archive() + b"trailing" * 100
+
+    def recorded(buffer_size: int) -> tuple[bytes, str | None]:
+        recorder = TarSplitRecorder(hash_stream=True)
+        reader = TarReader(io.BytesIO(data), buffer_size=buffer_size, recorder=recorder)
+        while reader.next() is not None:
+            if reader.buffered_data() is None:  # as extract does: whole, or in pieces
+                for _ in reader.chunks():
+                    pass
+        return gzip.decompress(recorder.finish()), recorder.diff_id
+
+    expected = recorded(1 << 20)
+    assert expected[1] == "sha256:" + hashlib.sha256(data).hexdigest()
+    for buffer_size in (1024, 1536, 4096):
+        assert recorded(buffer_size) == expected
