@@ -8,9 +8,12 @@ aufs/_fallback.py is its pure-Python twin and the readable spec of each function
 import os
 import operator
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object text)
 from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -419,25 +422,9 @@ cdef const char *HEX_DIGITS = b"0123456789abcdef"
 cdef struct LineBuffer:
     char *data
     size_t used
-    size_t size
 
 
-cdef int reserve(LineBuffer *out, size_t more) except -1:
-    cdef size_t size = out.size
-    cdef char *grown
-    if out.used + more <= size:
-        return 0
-    while out.used + more > size:
-        size = size * 2 + 4096
-    grown = <char *>PyMem_Realloc(out.data, size)
-    if grown == NULL:
-        raise MemoryError()
-    out.data = grown
-    out.size = size
-    return 0
-
-
-cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept:
+cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept nogil:
     memcpy(out.data + out.used, text, size)
     out.used += size
 
@@ -471,7 +458,7 @@ cdef void put_base64(LineBuffer *out, const unsigned char *data, size_t size) no
     out.used = target - out.data
 
 
-cdef void put_decimal(LineBuffer *out, uint64_t value) noexcept:
+cdef void put_decimal(LineBuffer *out, uint64_t value) noexcept nogil:
     cdef char digits[24]
     cdef int count = 0
     while True:
@@ -483,7 +470,7 @@ cdef void put_decimal(LineBuffer *out, uint64_t value) noexcept:
     put(out, &digits[24 - count], count)
 
 
-cdef void put_ascii_json(LineBuffer *out, const unsigned char *text, size_t size) noexcept:
+cdef void put_ascii_json(LineBuffer *out, const unsigned char *text, size_t size) noexcept nogil:
     """As json.encoder.encode_basestring_ascii does for an ASCII string (6 bytes at most
     each)."""
     cdef char *target = out.data + out.used
@@ -522,54 +509,93 @@ cdef void put_ascii_json(LineBuffer *out, const unsigned char *text, size_t size
     out.used = target + 1 - out.data
 
 
+cdef struct LineItem:
+    int kind  # 1: a file, 2: a segment, 0: a line already built
+    const char *text  # the ASCII name, the raw bytes, or the line
+    size_t length
+    uint64_t size
+    uint64_t crc
+
+
 def tarsplit_lines(items, Py_ssize_t position):
     """Docker's tar-split JSON lines for a run of entries numbered from position (see
-    aufs/_fallback.py, the spec): built in C, the names that are not ASCII by the spec."""
+    aufs/_fallback.py, the spec): the items are read with the GIL, the lines written without
+    it; a name that is not ASCII goes by the spec."""
+    cdef Py_ssize_t count = len(items), index = 0
+    cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(count, 1) * sizeof(LineItem))
+    cdef LineItem *entry
     cdef LineBuffer out
-    cdef const unsigned char[::1] raw
-    cdef const char *text
+    cdef size_t bound = 0
     cdef Py_ssize_t length
+    cdef const unsigned char[::1] raw
     cdef unsigned char crc_bytes[8]
-    cdef uint64_t crc
     cdef int shift
+    cdef uint64_t number = <uint64_t>position
+    cdef list keep = []  # what the pointers point into, beyond the items themselves
+    if entries == NULL:
+        raise MemoryError()
     out.data = NULL
     out.used = 0
-    out.size = 0
     try:
         for item in items:
+            entry = &entries[index]
+            index += 1
             if type(item) is tuple:
-                name, size, checksum = item
-                if not (<str>name).isascii():
-                    line = _tarsplit_lines_spec([item], position)
-                    reserve(&out, len(line))
-                    put(&out, line, len(line))
-                    position += 1
+                name = (<tuple>item)[0]
+                if type(name) is not str or not PyUnicode_IS_ASCII(name):
+                    line = _tarsplit_lines_spec([item], position + index - 1)
+                    keep.append(line)
+                    entry.kind = 0
+                    entry.text = PyBytes_AS_STRING(line)
+                    entry.length = PyBytes_GET_SIZE(line)
+                    bound += entry.length
                     continue
-                text = PyUnicode_AsUTF8AndSize(name, &length)
-                reserve(&out, 6 * <size_t>length + 120)
-                put(&out, b'{"type":1,"name":', 17)
-                put_ascii_json(&out, <const unsigned char *>text, length)
-                if size:
-                    put(&out, b',"size":', 8)
-                    put_decimal(&out, <uint64_t>size)
-                    crc = <uint64_t>checksum
-                    for shift in range(8):
-                        crc_bytes[shift] = <unsigned char>(crc >> (56 - 8 * shift))
-                    put(&out, b',"payload":"', 12)
-                    put_base64(&out, crc_bytes, 8)
-                    put(&out, b'","position":', 13)
-                else:
-                    put(&out, b',"payload":null,"position":', 27)
+                entry.kind = 1
+                entry.text = PyUnicode_AsUTF8AndSize(name, &length)
+                entry.length = length
+                entry.size = (<tuple>item)[1]
+                entry.crc = (<tuple>item)[2]
+                bound += 6 * entry.length + 120
             else:
-                raw = item
-                reserve(&out, (<size_t>raw.shape[0] + 2) // 3 * 4 + 64)
-                put(&out, b'{"type":2,"payload":"', 21)
-                if raw.shape[0]:
-                    put_base64(&out, &raw[0], raw.shape[0])
-                put(&out, b'","position":', 13)
-            put_decimal(&out, <uint64_t>position)
-            put(&out, b"}\n", 2)
-            position += 1
+                if type(item) is not bytes:
+                    raw = item
+                    item = bytes(raw)
+                    keep.append(item)
+                entry.kind = 2
+                entry.text = PyBytes_AS_STRING(item)
+                entry.length = PyBytes_GET_SIZE(item)
+                bound += (entry.length + 2) // 3 * 4 + 60
+        out.data = <char *>PyMem_Malloc(max(bound, 1))
+        if out.data == NULL:
+            raise MemoryError()
+        with nogil:
+            for index in range(count):
+                entry = &entries[index]
+                if entry.kind == 0:
+                    put(&out, entry.text, entry.length)
+                    number += 1
+                    continue
+                if entry.kind == 1:
+                    put(&out, b'{"type":1,"name":', 17)
+                    put_ascii_json(&out, <const unsigned char *>entry.text, entry.length)
+                    if entry.size:
+                        put(&out, b',"size":', 8)
+                        put_decimal(&out, entry.size)
+                        for shift in range(8):
+                            crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
+                        put(&out, b',"payload":"', 12)
+                        put_base64(&out, crc_bytes, 8)
+                        put(&out, b'","position":', 13)
+                    else:
+                        put(&out, b',"payload":null,"position":', 27)
+                else:
+                    put(&out, b'{"type":2,"payload":"', 21)
+                    put_base64(&out, <const unsigned char *>entry.text, entry.length)
+                    put(&out, b'","position":', 13)
+                put_decimal(&out, number)
+                put(&out, b"}\n", 2)
+                number += 1
         return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
     finally:
         PyMem_Free(out.data)
+        PyMem_Free(entries)
