@@ -120,6 +120,25 @@ class SyscallMounter:
             return native.is_mountpoint(target)
         except FileNotFoundError:
             return False
+        except OSError as error:
+            # aufs answers ESTALE for the root of a mount one of whose branches was deleted
+            # under it: the mount table still knows
+            if error.errno != errno.ESTALE:
+                raise
+            return listed_in_mountinfo(target)
+
+
+def listed_in_mountinfo(target: str) -> bool:
+    """Whether target is a mount point of this mount namespace, by /proc/self/mountinfo."""
+    wanted = os.path.abspath(target)
+    with open("/proc/self/mountinfo", "rb") as info:
+        for line in info:
+            point = line.split(b" ", 5)[4]
+            decoded = os.fsdecode(point).replace("\\040", " ").replace("\\011", "\t") \
+                .replace("\\012", "\n").replace("\\134", "\\")
+            if decoded == wanted:
+                return True
+    return False
 
 
 SYSCALLS = SyscallMounter()

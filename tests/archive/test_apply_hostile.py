@@ -16,7 +16,7 @@ from campaigns import fuzz
 
 import aufs
 from aufs.archive import beneath, extract
-from conftest import IS_ROOT, Harness
+from conftest import IS_ROOT, Harness, holds_user_xattrs
 from tarbuild import archive, directory, member, tree_snapshot
 
 
@@ -266,7 +266,8 @@ def test_overlay_internal_xattrs_are_never_applied(layer: tuple[aufs.Driver, str
     path = Path(driver.store.diff_path(layer_id), "f")
     names = os.listxattr(path)
     assert "trusted.overlay.redirect" not in names
-    assert os.getxattr(path, "user.kept") == b"yes"
+    if holds_user_xattrs(path.parent):
+        assert os.getxattr(path, "user.kept") == b"yes"
 
 
 def test_failed_apply_keeps_the_layer_exactly(layer: tuple[aufs.Driver, str], host: Path

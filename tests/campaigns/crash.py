@@ -39,7 +39,7 @@ class CampaignResult:
 
 def archive_signature(data: bytes) -> list[tuple[str, bytes, int, bytes]]:
     """What a diff must contain: names, types, modes and contents (mtimes aside). A whiteout
-    is its name only: its mode depends on the store's format, and means nothing."""
+    is its name only, and a symlink has no mode: neither means anything on disk."""
     entries = []
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar:
@@ -48,7 +48,10 @@ def archive_signature(data: bytes) -> list[tuple[str, bytes, int, bytes]]:
                 entries.append((name, b"whiteout", 0, b""))
                 continue
             content = tar.extractfile(member).read() if member.isfile() else b""  # type: ignore[union-attr]
-            entries.append((name, member.type, member.mode, content + member.linkname.encode()))
+            # a symlink's mode means nothing on Linux: an image's tar may say 0644 where a
+            # fresh tar of the same layer (after a migrate) says 0777
+            mode = 0 if member.issym() else member.mode
+            entries.append((name, member.type, mode, content + member.linkname.encode()))
     return sorted(entries)
 
 

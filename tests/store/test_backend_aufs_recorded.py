@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,75 @@ def test_aufs_accepted_over_tmpfs_and_status_names_it(scratch: Path) -> None:
                                                       dirperm1=False))
         assert driver.status()[1] == ("Backing Filesystem", "tmpfs")
         assert driver.backend == "aufs" and driver.whiteout_format == "aufs"
+
+
+# ---- the real kernel's limits (tests/store/test_backend_aufs_kernel.py found them) ------------
+
+
+def short_chain(driver: aufs.Driver, length: int) -> str:
+    parent = ""
+    for index in range(length):
+        driver.create(f"l{index}", parent)
+        parent = f"l{index}"
+    return parent
+
+
+@pytest.fixture
+def short_root() -> Iterator[Path]:
+    """A root with short paths (/tmp/aXXXXXXXX/r): Docker's byte rule alone fits 127 there."""
+    base = tempfile.mkdtemp(prefix="a", dir="/tmp")
+    yield Path(base)
+    shutil.rmtree(base)
+
+
+def test_no_mount_call_carries_more_than_64_branches(short_root: Path) -> None:
+    """aufs parses one call into a page of 85 options: short paths used to put all 127
+    branches in the first call (E2BIG, or a kernel oops on Linux 6.1 + aufs6.1)."""
+    recorder = aufs.RecordingMounter()
+    driver = make(short_root / "r", recorder)
+    top = short_chain(driver, 127)
+    driver.get(top)
+    calls = recorder.mount_calls()
+    counts = [str(call.data).count("=r") for call in calls]
+    assert counts == [64, 63]
+    assert [call.flags for call in calls] == [0, 0x20]
+    assert str(calls[0].data).endswith(f"/diff/l63=ro+wh{XINO}")
+    assert str(calls[1].data).startswith(f"append:{driver.root}/diff/l62=ro+wh,")
+    assert str(calls[1].data).endswith(f"append:{driver.root}/diff/l0=ro+wh,")
+
+
+def test_a_chain_past_127_branches_is_refused_before_any_mount(short_root: Path) -> None:
+    recorder = aufs.RecordingMounter()
+    driver = make(short_root / "r", recorder)
+    top = short_chain(driver, 128)
+    with pytest.raises(aufs.MountError) as caught:
+        driver.get(top)
+    assert str(caught.value).endswith(
+        "layer l127 needs 128 aufs branches (itself and 127 parents), but aufs mounts at most "
+        "127 (CONFIG_AUFS_BRANCH_MAX_127); mount this store with backend='fuse-overlayfs' (no "
+        "branch limit), or convert it with `aufs migrate --to overlay` for backend='overlay' "
+        "(up to 500 layers)")
+    assert caught.value.errno == errno.ENOSPC
+    assert recorder.calls == []
+    assert driver.status()[-1] == ("Layers Held", "0")
+    wider = aufs.Driver(driver.root, backend=aufs.AufsBackend(
+        recorder, kernel=WITH_AUFS, dirperm1=False, auplink=None, branch_max=511))
+    wider.get(top)  # a kernel built with CONFIG_AUFS_BRANCH_MAX_511
+    assert [str(c.data).count("=r") for c in recorder.mount_calls()] == [64, 64]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
+def test_a_stale_mount_root_is_still_known_mounted(scratch: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """aufs answers ESTALE on the root of a mount whose branch was deleted under it (fsck's
+    broken-layer-in-use case): put must still see the mount, by the mount table."""
+    from aufs.store import mounters
+
+    def stale(path: str) -> bool:
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+
+    with tmpfs_mount(scratch / "m", "1m") as mounted:
+        monkeypatch.setattr(mounters.native, "is_mountpoint", stale)
+        assert mounters.SYSCALLS.is_mounted(str(mounted))
+        (scratch / "plain").mkdir()
+        assert not mounters.SYSCALLS.is_mounted(str(scratch / "plain"))

@@ -142,3 +142,27 @@ def test_fsck_checks_each_record(driver: aufs.Driver) -> None:
     assert len(repaired) == 4 and remaining == []
     assert driver.store.read_record("good") is not None
     assert driver.store.read_record("changed") is None
+
+
+def test_a_migration_drops_the_records_it_makes_stale(tmp_path: object, caplog:
+                                                      pytest.LogCaptureFixture) -> None:
+    from aufs.store.fsck import check
+    from aufs.store.migrate import migrate
+
+    root = os.path.join(str(tmp_path), "store")
+    with aufs.Driver(root) as driver:
+        data = archive([directory("etc/"), member("etc/.wh.gone", data=b""),
+                        member("etc/os", data=b"x\n")])
+        driver.create("base")
+        driver.apply_diff("base", "", io.BytesIO(data), record=True)
+        assert driver.verified_diff_id("base") == digest(data)
+        other = "aufs" if driver.store.read_format() == "overlay" else "overlay"
+        migrate(driver.store, other)
+        assert driver.verified_diff_id("base") is None
+        assert not os.path.exists(driver.store.record_path("base"))
+        with caplog.at_level(logging.WARNING):
+            fresh = diff_bytes(driver, "base")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        with tarfile.open(fileobj=io.BytesIO(fresh)) as tar:
+            assert sorted(tar.getnames()) == ["etc", "etc/.wh.gone", "etc/os"]
+    assert check(root) == []

@@ -115,8 +115,9 @@ def test_force_keeps_a_mounted_layer_and_the_broken_layers_below_it(harness: Har
         kept = {p.subject: p.message for p in remaining if p.code == "broken-layer-in-use"}
         assert kept.keys() == {"mounted", "mid"}
         assert kept["mounted"].startswith("mounted")
-        assert aufs.is_mountpoint(path)
-        assert Path(path, "mounted").read_bytes() == b"data"
+        assert harness.is_mounted(path)
+        if harness.name != "aufs":  # aufs answers ESTALE through a mount whose branch is gone
+            assert Path(path, "mounted").read_bytes() == b"data"
     finally:
         driver.put("mounted")
     repaired, remaining = fsck.repair(driver.root, force=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -25,6 +26,64 @@ log = logging.getLogger(__name__)
 # aufs creates and unlinks the shared /dev/shm/aufs.xino during every mount, so two mounts at
 # once race (moby PR 39107): every mount(2) of this process goes through this lock.
 MOUNT_LOCK = threading.Lock()
+
+
+# The kernel's limits, measured on Linux 6.1 with aufs6.1 (tests/guest, tests/store/
+# test_backend_aufs_kernel.py):
+# - a mount holds at most AUFS_BRANCH_MAX branches, 127 in aufs' default build
+#   (CONFIG_AUFS_BRANCH_MAX_127; 511, 1023 and 32767 are build options); the next append: fails
+#   with ENOSPC, and a first mount(2) past it can oops the kernel;
+# - one mount(2) call parses its options into a single page of 48-byte struct au_opt (85
+#   slots): past 82 branches plus dio and xino it fails with E2BIG, and a few more oops the
+#   kernel. Docker sized its calls in bytes only, which holds ~40 of its 91-byte paths; shorter
+#   paths would put far more in one call, so no call carries more than BRANCHES_PER_CALL.
+AUFS_BRANCH_MAX = 127
+BRANCHES_PER_CALL = 64
+_MOUNT_DATA_RESERVE = 54  # what Docker keeps free in each page for the options
+
+
+def split_mount_data(chunks: list[str], per_call: int = BRANCHES_PER_CALL,
+                     page: int | None = None) -> list[str]:
+    """Docker's mount data (aufs_mount_data) with no call holding more than per_call branches.
+
+    Docker's own calls pass through unchanged; a call with too many branches is cut, its
+    surplus going into `append:` remounts of at most per_call branches that fit in a page.
+    Branch paths hold no ':', ',' or '=' (aufs_mount_data refuses them), so splitting is safe.
+    """
+    first, appends = chunks[0], chunks[1:]
+    branch_part, comma, first_options = first.partition(",")
+    branches = branch_part.removeprefix("br:").split(":")
+    label = first_options[first_options.find('context="') - 1:] if 'context="' in first_options \
+        else ""
+    if len(branches) <= per_call and all(
+            chunk.count("append:") <= per_call for chunk in appends):
+        return chunks
+    page = os.sysconf("SC_PAGE_SIZE") if page is None else page
+    capacity = page - len(label) - _MOUNT_DATA_RESERVE
+    items = [f"append:{branch}," for branch in branches[per_call:]]
+    for chunk in appends:
+        items += [f"{item}," for item in chunk.removesuffix(label).split(",")
+                  if item.startswith("append:")]
+    result = ["br:" + ":".join(branches[:per_call]) + comma + first_options]
+    current = ""
+    for item in items:
+        if current and (current.count("append:") >= per_call
+                        or len(current) + len(item) > capacity):
+            result.append(current + label)
+            current = ""
+        current += item
+    if current:
+        result.append(current + label)
+    return result
+
+
+def branch_limit_message(layer_id: str, branches: int, limit: int) -> str:
+    return (
+        f"layer {layer_id} needs {branches} aufs branches (itself and {branches - 1} parents), "
+        f"but aufs mounts at most {limit} (CONFIG_AUFS_BRANCH_MAX_{limit}); mount this store "
+        "with backend='fuse-overlayfs' (no branch limit), or convert it with "
+        "`aufs migrate --to overlay` for backend='overlay' (up to 500 layers)"
+    )
 
 
 _dirperm1_results: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -80,12 +139,14 @@ class AufsBackend(Backend):
         dirperm1: bool | None = None,
         auplink: str | None = "auto",
         policy: RetryPolicy | None = None,
+        branch_max: int = AUFS_BRANCH_MAX,
     ) -> None:
         super().__init__(mounter)
         self._kernel = kernel
         self._dirperm1 = dirperm1
         self._auplink = shutil.which("auplink") if auplink == "auto" else auplink
         self._policy = policy or RetryPolicy()
+        self.branch_max = branch_max
 
     def check_machine(self) -> None:
         kernel = self._kernel
@@ -103,8 +164,14 @@ class AufsBackend(Backend):
         return self._dirperm1
 
     def mount(self, request: MountRequest) -> None:
-        chunks = native.aufs_mount_data(request.upper, request.lowers, request.label,
-                                        dirperm1=self.dirperm1_supported())
+        branches = 1 + len(request.lowers)
+        if branches > self.branch_max:
+            raise MountError(
+                f"error creating aufs mount to {request.target}: "
+                + branch_limit_message(request.layer_id, branches, self.branch_max),
+                errno=errno.ENOSPC, target=request.target)
+        chunks = split_mount_data(native.aufs_mount_data(
+            request.upper, request.lowers, request.label, dirperm1=self.dirperm1_supported()))
         data = chunks[0]
         with MOUNT_LOCK:
             try:
