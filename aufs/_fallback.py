@@ -7,13 +7,17 @@ through ctypes.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
+import json
 import operator
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
+
+_json_string = json.encoder.encode_basestring_ascii
 
 IMPLEMENTATION = "fallback"
 
@@ -597,3 +601,44 @@ def crc64_iso(crc: int, data: bytes | memoryview) -> int:
     for byte in bytes(data):
         crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
     return crc ^ 0xFFFFFFFFFFFFFFFF
+
+
+# ---- tar-split's JSON lines --------------------------------------------------------------------
+
+TarSplitItem = bytes | tuple[str, int, int]
+
+
+def tarsplit_lines(items: Sequence[TarSplitItem], position: int) -> bytes:
+    """Docker's tar-split JSON lines for a run of entries numbered from position: a bytes item
+    is a segment of raw archive bytes, a (name, size, crc) tuple a file, by its name as the
+    archive had it (decoded with surrogateescape), the size of its data and the CRC-64 of it.
+    A name that is not UTF-8 goes as "name_raw" (base64); ASCII-only JSON escapes otherwise."""
+    lines = []
+    for item in items:
+        if isinstance(item, tuple):
+            name, size, crc = item
+            if name.isascii() or _is_utf8(name):
+                named = b'"name":' + _json_string(name).encode()
+            else:
+                named = b'"name_raw":"' + base64.b64encode(
+                    name.encode("utf-8", "surrogateescape")) + b'"'
+            if size:
+                lines.append(b'{"type":1,%s,"size":%d,"payload":"%s","position":%d}\n' % (
+                    named, size, base64.b64encode(crc.to_bytes(8, "big")), position))
+            else:
+                lines.append(b'{"type":1,%s,"payload":null,"position":%d}\n' % (named,
+                                                                                 position))
+        else:
+            lines.append(b'{"type":2,"payload":"%s","position":%d}\n' % (
+                base64.b64encode(item), position))
+        position += 1
+    return b"".join(lines)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether the archive's bytes for this name (decoded with surrogateescape) are UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -49,6 +49,7 @@ open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on bo
 parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
+tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
 unshare = _fallback.unshare  # pure Python on both paths
 
@@ -69,6 +70,7 @@ __all__ = [
     "parse_tar_header",
     "parse_tar_number",
     "renameat2",
+    "tarsplit_lines",
     "unmount",
     "unshare",
 ]

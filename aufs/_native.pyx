@@ -9,13 +9,19 @@ import os
 import operator
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.string cimport memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object text)
+from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
 from aufs._fallback import parse_tar_number  # no hot path: one implementation
+from aufs._fallback import tarsplit_lines as _tarsplit_lines_spec
 
 IMPLEMENTATION = "native"
 
@@ -405,3 +411,191 @@ def directory_size(path, *, threads=0):
     if rc < 0:
         raise _os_error(-rc, os.fsdecode(<bytes>error_path) if error_path[0] else path)
     return size
+
+
+# ---- tar-split's JSON lines ----------------------------------------------------------------
+
+cdef const char *BASE64_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+cdef const char *HEX_DIGITS = b"0123456789abcdef"
+
+
+cdef struct LineBuffer:
+    char *data
+    size_t used
+
+
+cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept nogil:
+    memcpy(out.data + out.used, text, size)
+    out.used += size
+
+
+cdef void put_base64(LineBuffer *out, const unsigned char *data, size_t size) noexcept nogil:
+    cdef char *target = out.data + out.used
+    cdef size_t index = 0
+    cdef uint32_t word
+    while index + 3 <= size:
+        word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8) | data[index + 2]
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = BASE64_DIGITS[(word >> 6) & 63]
+        target[3] = BASE64_DIGITS[word & 63]
+        target += 4
+        index += 3
+    if size - index == 1:
+        word = <uint32_t>data[index] << 16
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = b"="
+        target[3] = b"="
+        target += 4
+    elif size - index == 2:
+        word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8)
+        target[0] = BASE64_DIGITS[word >> 18]
+        target[1] = BASE64_DIGITS[(word >> 12) & 63]
+        target[2] = BASE64_DIGITS[(word >> 6) & 63]
+        target[3] = b"="
+        target += 4
+    out.used = target - out.data
+
+
+cdef void put_decimal(LineBuffer *out, uint64_t value) noexcept nogil:
+    cdef char digits[24]
+    cdef int count = 0
+    while True:
+        digits[23 - count] = <char>(48 + value % 10)
+        count += 1
+        value //= 10
+        if not value:
+            break
+    put(out, &digits[24 - count], count)
+
+
+cdef void put_ascii_json(LineBuffer *out, const unsigned char *text, size_t size) noexcept nogil:
+    """As json.encoder.encode_basestring_ascii does for an ASCII string (6 bytes at most
+    each)."""
+    cdef char *target = out.data + out.used
+    cdef unsigned char byte
+    cdef size_t index
+    target[0] = b'"'
+    target += 1
+    for index in range(size):
+        byte = text[index]
+        if byte >= 32 and byte <= 126 and byte != 92 and byte != 34:
+            target[0] = <char>byte
+            target += 1
+            continue
+        target[0] = b"\\"
+        if byte == 34 or byte == 92:
+            target[1] = <char>byte
+        elif byte == 10:
+            target[1] = b"n"
+        elif byte == 13:
+            target[1] = b"r"
+        elif byte == 9:
+            target[1] = b"t"
+        elif byte == 8:
+            target[1] = b"b"
+        elif byte == 12:
+            target[1] = b"f"
+        else:
+            target[1] = b"u"
+            target[2] = b"0"
+            target[3] = b"0"
+            target[4] = HEX_DIGITS[byte >> 4]
+            target[5] = HEX_DIGITS[byte & 15]
+            target += 4
+        target += 2
+    target[0] = b'"'
+    out.used = target + 1 - out.data
+
+
+cdef struct LineItem:
+    int kind  # 1: a file, 2: a segment, 0: a line already built
+    const char *text  # the ASCII name, the raw bytes, or the line
+    size_t length
+    uint64_t size
+    uint64_t crc
+
+
+def tarsplit_lines(items, Py_ssize_t position):
+    """Docker's tar-split JSON lines for a run of entries numbered from position (see
+    aufs/_fallback.py, the spec): the items are read with the GIL, the lines written without
+    it; a name that is not ASCII goes by the spec."""
+    cdef Py_ssize_t count = len(items), index = 0
+    cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(count, 1) * sizeof(LineItem))
+    cdef LineItem *entry
+    cdef LineBuffer out
+    cdef size_t bound = 0
+    cdef Py_ssize_t length
+    cdef const unsigned char[::1] raw
+    cdef unsigned char crc_bytes[8]
+    cdef int shift
+    cdef uint64_t number = <uint64_t>position
+    cdef list keep = []  # what the pointers point into, beyond the items themselves
+    if entries == NULL:
+        raise MemoryError()
+    out.data = NULL
+    out.used = 0
+    try:
+        for item in items:
+            entry = &entries[index]
+            index += 1
+            if type(item) is tuple:
+                name = (<tuple>item)[0]
+                if type(name) is not str or not PyUnicode_IS_ASCII(name):
+                    line = _tarsplit_lines_spec([item], position + index - 1)
+                    keep.append(line)
+                    entry.kind = 0
+                    entry.text = PyBytes_AS_STRING(line)
+                    entry.length = PyBytes_GET_SIZE(line)
+                    bound += entry.length
+                    continue
+                entry.kind = 1
+                entry.text = PyUnicode_AsUTF8AndSize(name, &length)
+                entry.length = length
+                entry.size = (<tuple>item)[1]
+                entry.crc = (<tuple>item)[2]
+                bound += 6 * entry.length + 120
+            else:
+                if type(item) is not bytes:
+                    raw = item
+                    item = bytes(raw)
+                    keep.append(item)
+                entry.kind = 2
+                entry.text = PyBytes_AS_STRING(item)
+                entry.length = PyBytes_GET_SIZE(item)
+                bound += (entry.length + 2) // 3 * 4 + 60
+        out.data = <char *>PyMem_Malloc(max(bound, 1))
+        if out.data == NULL:
+            raise MemoryError()
+        with nogil:
+            for index in range(count):
+                entry = &entries[index]
+                if entry.kind == 0:
+                    put(&out, entry.text, entry.length)
+                    number += 1
+                    continue
+                if entry.kind == 1:
+                    put(&out, b'{"type":1,"name":', 17)
+                    put_ascii_json(&out, <const unsigned char *>entry.text, entry.length)
+                    if entry.size:
+                        put(&out, b',"size":', 8)
+                        put_decimal(&out, entry.size)
+                        for shift in range(8):
+                            crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
+                        put(&out, b',"payload":"', 12)
+                        put_base64(&out, crc_bytes, 8)
+                        put(&out, b'","position":', 13)
+                    else:
+                        put(&out, b',"payload":null,"position":', 27)
+                else:
+                    put(&out, b'{"type":2,"payload":"', 21)
+                    put_base64(&out, <const unsigned char *>entry.text, entry.length)
+                    put(&out, b'","position":', 13)
+                put_decimal(&out, number)
+                put(&out, b"}\n", 2)
+                number += 1
+        return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
+    finally:
+        PyMem_Free(out.data)
+        PyMem_Free(entries)

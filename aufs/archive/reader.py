@@ -39,7 +39,8 @@ MAX_CHAINED_EXTENSIONS = 16
 class TarReader:
     """Members of an uncompressed tar stream. Call next() for a header, then consume its
     data with chunks() (or let next() skip it). A recorder, if given, is handed every byte
-    consumed and told where each member's data begins and ends."""
+    consumed and told where each member's data begins and ends: in spans of the buffer, handed
+    over once per member (before it moves, too), not piece by piece."""
 
     def __init__(self, stream: BinaryIO, buffer_size: int = 1 << 20,
                  recorder: TarSplitRecorder | None = None) -> None:
@@ -49,6 +50,7 @@ class TarReader:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self._mark = 0  # the recorder has the bytes before this
         self._eof = False
         self._data_left = 0
         self._padding_left = 0
@@ -58,8 +60,10 @@ class TarReader:
 
     def _fill(self) -> bool:
         """Reads more; False when the stream is at its end and nothing is buffered."""
+        if self._recorder is not None and self._mark != self._start:
+            self._hand_over()
         if self._start == self._end:
-            self._start = self._end = 0
+            self._start = self._end = self._mark = 0
         elif self._start > len(self._buffer) // 2 or self._end == len(self._buffer):
             self._compact()
         self._fill_once()
@@ -75,8 +79,6 @@ class TarReader:
                 raise TarFormatError("the archive ends inside a header")
         data = bytes(self._view[self._start:self._start + size])
         self._start += size
-        if self._recorder is not None:
-            self._recorder.consume(data)
         return data
 
     def _skip(self, size: int, *, may_end: bool) -> None:
@@ -86,8 +88,6 @@ class TarReader:
                     return
                 raise TarFormatError("the archive ends inside a member's data")
             step = min(size, self._end - self._start)
-            if self._recorder is not None:
-                self._recorder.consume(self._view[self._start:self._start + step])
             self._start += step
             size -= step
 
@@ -104,8 +104,6 @@ class TarReader:
             self._start += step
             self._data_left -= step
             wanted -= step
-            if self._recorder is not None:
-                self._recorder.consume(piece)
             yield piece
 
     def buffered_data(self) -> memoryview | None:
@@ -122,14 +120,22 @@ class TarReader:
         view = self._view[self._start:self._start + size]
         self._start += size
         self._data_left = 0
-        if self._recorder is not None:
-            self._recorder.consume(view)
         return view
 
+    def _hand_over(self) -> None:
+        """The bytes consumed since the last hand-over, to the recorder: file data while it
+        is in a member's data, raw bytes otherwise."""
+        assert self._recorder is not None
+        if self._mark != self._start:
+            self._recorder.consume(self._view[self._mark:self._start])
+        self._mark = self._start
+
     def _compact(self) -> None:
+        if self._recorder is not None and self._mark != self._start:
+            self._hand_over()
         remaining = self._end - self._start
         self._buffer[:remaining] = self._buffer[self._start:self._end]
-        self._start, self._end = 0, remaining
+        self._start, self._end, self._mark = 0, remaining, 0
 
     def _fill_once(self) -> bool:
         """One read into the free tail of the buffer; False at the end of the stream."""
@@ -148,8 +154,6 @@ class TarReader:
             data = bytes(self._view[self._start:self._start + size])
             self._start += size
             self._data_left -= size
-            if self._recorder is not None:
-                self._recorder.consume(data)
             return data
         return b"".join(bytes(piece) for piece in self.chunks(size))
 
@@ -161,8 +165,10 @@ class TarReader:
         """The next member's header with its extensions applied; None at the end."""
         self._skip(self._data_left, may_end=False)
         self._data_left = 0
-        if self._recorder is not None:
-            self._recorder.end_file()
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.end_file(self._view[self._mark:self._start])
+            self._mark = self._start
         self._skip(self._padding_left, may_end=True)  # a missing last padding is accepted
         self._padding_left = 0
         pax: dict[str, bytes] = {}
@@ -171,6 +177,8 @@ class TarReader:
         for _ in range(MAX_CHAINED_EXTENSIONS):
             block = self._take(BLOCK)
             if block is None:
+                if recorder is not None:
+                    self._hand_over()
                 return None  # a clean end without end-of-archive blocks
             if block == ZERO_BLOCK:
                 self._end_of_archive()
@@ -201,8 +209,9 @@ class TarReader:
                 self._read_gnu_sparse_extensions(header, block)
             self._data_left = header.size
             self._padding_left = -header.size % BLOCK
-            if self._recorder is not None:
-                self._recorder.begin_file(header)
+            if recorder is not None:
+                recorder.begin_file(header, self._view[self._mark:self._start])
+                self._mark = self._start
             if header.sparse == [] and "GNU.sparse.major" in pax:
                 self._read_sparse_map(header)
             return header
@@ -243,7 +252,9 @@ class TarReader:
         block = self._take(BLOCK)
         if block is not None and block != ZERO_BLOCK:
             raise TarFormatError("a zero block in the middle of the archive")
+        if self._recorder is not None:
+            self._hand_over()
         while self._fill():
             if self._recorder is not None:  # kept: the layer's digest covers it
                 self._recorder.consume_trailing(self._view[self._start:self._end])
-            self._start = self._end
+            self._start = self._mark = self._end

@@ -38,18 +38,10 @@ SEGMENT_ENTRY = 2
 # 1 MiB: format.MAX_EXTENDED_HEADER), and what a whole layer may take
 MAX_ENTRY_RAW = 4 << 20
 MAX_TOTAL_RAW = 256 << 20
-_BATCH = 256 << 10  # JSON bytes compressed at a time
+# what is handed to the compressing thread at a time: raw bytes of headers and padding, entries
+_BATCH = 256 << 10
+_BATCH_ITEMS = 2048
 _COPY = 1 << 20
-_json_string = json.encoder.encode_basestring_ascii
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether the archive's bytes for this name (decoded with surrogateescape) are UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class TarSplitError(AufsError, ValueError):
@@ -183,14 +175,17 @@ class TarSplitRecorder:
         self._pending = bytearray()
         self._file: tuple[str, int] | None = None
         self._crc = 0
-        self._position = 0
         self._names: set[str] = set()
-        self._lines: list[bytes] = []
-        self._line_bytes = 0
-        # gzip runs on a thread of its own (zlib lets go of the GIL), beside the unpacking
+        # the entries not yet handed to the compressing thread: raw bytes for a segment,
+        # (name, size, crc) for a file; that thread formats their lines and gzips them (zlib
+        # lets go of the GIL), beside the unpacking, which only collects them
+        self._items: list[bytes | tuple[str, int, int]] = []
+        self._position = 0  # of the first of them
+        self._handed_raw = 0  # raw_bytes when the last batch was handed over
         self._compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip container
         self._compressed: list[bytes] = []
-        self._batches: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._batches: queue.SimpleQueue[tuple[list[bytes | tuple[str, int, int]], int] | None]
+        self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
         self._hash = hashlib.sha256() if hash_stream else None
         self._finished: bytes | None = None
@@ -203,8 +198,8 @@ class TarSplitRecorder:
             return
         if len(self._pending) + len(piece) > self.max_entry_bytes:
             raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
-                            f"padding in one place (after entry #{self._position}); refusing "
-                            "to record them")
+                            "padding in one place (after entry "
+                            f"#{self._position + len(self._items)}); refusing to record them")
         self.raw_bytes += len(piece)
         if self.raw_bytes > self.max_total_bytes:
             raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
@@ -229,9 +224,24 @@ class TarSplitRecorder:
             return
         self.consume(piece)
 
-    def begin_file(self, header: TarHeader) -> None:
-        self.end_file()
-        self._flush_segment()
+    def begin_file(self, header: TarHeader, raw: bytes | memoryview = b"") -> None:
+        """A member's data starts; raw: the last of the bytes before it, if not consumed."""
+        # this and end_file run once per member while a layer is applied, and their cost is
+        # the recording's cost: they only collect, the lines are built on the other thread
+        if self._file is not None:
+            self.end_file()
+        if self._pending or len(raw) > self.max_entry_bytes:
+            self.consume(raw)  # the checks, and what came before
+            self._items.append(bytes(self._pending))
+            self._pending.clear()
+        elif raw:
+            self.raw_bytes += len(raw)
+            if self.raw_bytes > self.max_total_bytes:
+                raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers "
+                                "and padding in the archive; refusing to record them")
+            if self._hash is not None:
+                self._hash.update(raw)
+            self._items.append(bytes(raw))
         name = header.name
         if header.sparse is not None and self.unusable is None:
             self.unusable = f"{name!r} is a sparse file"
@@ -242,35 +252,19 @@ class TarSplitRecorder:
         self._file = (name, header.size)
         self._crc = 0
 
-    def end_file(self) -> None:
-        # lines are formatted here, not by json.dumps: this runs once per member while a
-        # layer is applied, and its cost is the recording's cost
+    def end_file(self, data: bytes | memoryview = b"") -> None:
+        """A member's data ends; data: the last of it, if not consumed."""
         if self._file is None:
+            if data:
+                self.consume(data)
             return
-        name, size = self._file
+        if data:
+            if self._hash is not None:
+                self._hash.update(data)
+            self._crc = native.crc64_iso(self._crc, data)
+        self._items.append((*self._file, self._crc))
         self._file = None
-        if name.isascii() or _is_utf8(name):
-            named = b'"name":' + _json_string(name).encode()
-        else:
-            named = b'"name_raw":"' + base64.b64encode(os.fsencode(name)) + b'"'
-        if size:
-            line = b'{"type":1,%s,"size":%d,"payload":"%s","position":%d}\n' % (
-                named, size, base64.b64encode(self._crc.to_bytes(8, "big")), self._position)
-        else:
-            line = b'{"type":1,%s,"payload":null,"position":%d}\n' % (named, self._position)
-        self._emit(line)
-
-    def _flush_segment(self) -> None:
-        if self._pending:
-            self._emit(b'{"type":2,"payload":"%s","position":%d}\n' % (
-                base64.b64encode(self._pending), self._position))
-            self._pending.clear()
-
-    def _emit(self, line: bytes) -> None:
-        self._position += 1
-        self._lines.append(line)
-        self._line_bytes += len(line)
-        if self._line_bytes >= _BATCH:
+        if len(self._items) >= _BATCH_ITEMS or self.raw_bytes - self._handed_raw >= _BATCH:
             self._compress()
 
     def _compress(self) -> None:
@@ -278,13 +272,14 @@ class TarSplitRecorder:
             self._compressing = threading.Thread(target=self._compress_batches,
                                                  name="aufs-tar-split", daemon=True)
             self._compressing.start()
-        self._batches.put(b"".join(self._lines))
-        self._lines.clear()
-        self._line_bytes = 0
+        self._batches.put((self._items, self._position))
+        self._position += len(self._items)
+        self._items = []
+        self._handed_raw = self.raw_bytes
 
     def _compress_batches(self) -> None:
         while (batch := self._batches.get()) is not None:
-            self._compressed.append(self._compressor.compress(batch))
+            self._compressed.append(self._compressor.compress(native.tarsplit_lines(*batch)))
 
     def close(self) -> None:
         """Stops the compressing thread (finish does it too)."""
@@ -297,7 +292,9 @@ class TarSplitRecorder:
         """The tar-split file's content (gzip); call once the archive is read to its end."""
         if self._finished is None:
             self.end_file()
-            self._flush_segment()
+            if self._pending:
+                self._items.append(bytes(self._pending))
+                self._pending.clear()
             self._compress()
             self.close()
             self._compressed.append(self._compressor.flush())

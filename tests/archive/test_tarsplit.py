@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -13,6 +14,7 @@ from types import ModuleType
 import pytest
 
 from aufs.archive.extract import ExtractOptions, WhiteoutMode, extract
+from aufs.archive.reader import TarReader
 from aufs.archive.tarsplit import (
     FILE_ENTRY,
     SEGMENT_ENTRY,
@@ -33,6 +35,26 @@ def test_crc64_iso_matches_go(impl: ModuleType) -> None:
     data = bytes(range(256)) * 41
     assert impl.crc64_iso(impl.crc64_iso(0, data[:1001]), data[1001:]) == impl.crc64_iso(0, data)
 
+
+
+def test_crc64_iso_every_length_and_split(impl: ModuleType) -> None:
+    # lengths around the native code's 16- and 64-byte folding steps, from any register
+    # value and split anywhere, against the bit-by-bit definition
+    def bitwise(crc: int, data: bytes) -> int:
+        crc ^= (1 << 64) - 1
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0xD800000000000000 if crc & 1 else 0)
+        return crc ^ ((1 << 64) - 1)
+
+    data = bytes((index * 167 + 13) % 251 for index in range(700))
+    for size in [*range(0, 200), 255, 256, 257, 383, 511, 512, 513, 700]:
+        start = (size * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+        expected = bitwise(start, data[:size])
+        assert impl.crc64_iso(start, data[:size]) == expected, size
+        cut = size // 3
+        assert impl.crc64_iso(impl.crc64_iso(start, data[:cut]), data[cut:size]) == expected
 
 def sample_archive() -> bytes:
     return archive([
@@ -144,3 +166,57 @@ def test_unreadable_records_raise(tmp_path: Path) -> None:
                 b'{"type":1,"size":3}\n'):
         with pytest.raises(TarSplitError):
             list(read_entries(io.BytesIO(bad)))
+
+
+def test_tarsplit_lines_are_docker_json(impl: ModuleType) -> None:
+    # the lines the recorder writes, against json.dumps of the same entries in Docker's
+    # field order: escapes, names that are not UTF-8, empty files, base64 padding
+    names = ["etc/hosts", 'q"\\\n\r\t\b\f\x01\x1f\x7f~ ', "café", "日本\U0001f600", "caf\udce9",
+             "x" * 300]
+    items: list[bytes | tuple[str, int, int]] = []
+    expected = []
+    position = 1 << 33
+    for index in range(60):
+        if index % 3 == 0:
+            raw = bytes(range(index % 7 + index))
+            items.append(raw)
+            entry: dict[str, object] = {"type": 2, "payload": base64.b64encode(raw).decode()}
+        else:
+            name = names[index % len(names)] + str(index)
+            size = (0, 1, 1 << 40)[index % 3]
+            crc = (index * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
+            items.append((name, size, crc))
+            try:
+                entry = {"type": 1, "name": name.encode("utf-8") and name}
+            except UnicodeEncodeError:
+                raw_name = name.encode("utf-8", "surrogateescape")
+                entry = {"type": 1, "name_raw": base64.b64encode(raw_name).decode()}
+            if size:
+                entry["size"] = size
+                entry["payload"] = base64.b64encode(crc.to_bytes(8, "big")).decode()
+            else:
+                entry["payload"] = None
+        entry["position"] = position + index
+        expected.append(json.dumps(entry, separators=(",", ":")) + "\n")
+    assert impl.tarsplit_lines(items, position).decode() == "".join(expected)
+    assert impl.tarsplit_lines([], 0) == b""
+
+
+def test_record_does_not_depend_on_the_reader_buffer() -> None:
+    # the reader hands the recorder spans of its buffer, before each refill too: a buffer
+    # smaller than a member's headers and data gives the same record and digest
+    data = sample_archive() + b"trailing" * 100
+
+    def recorded(buffer_size: int) -> tuple[bytes, str | None]:
+        recorder = TarSplitRecorder(hash_stream=True)
+        reader = TarReader(io.BytesIO(data), buffer_size=buffer_size, recorder=recorder)
+        while reader.next() is not None:
+            if reader.buffered_data() is None:  # as extract does: whole, or in pieces
+                for _ in reader.chunks():
+                    pass
+        return gzip.decompress(recorder.finish()), recorder.diff_id
+
+    expected = recorded(1 << 20)
+    assert expected[1] == "sha256:" + hashlib.sha256(data).hexdigest()
+    for buffer_size in (1024, 1536, 4096):
+        assert recorded(buffer_size) == expected
