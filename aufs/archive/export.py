@@ -200,7 +200,7 @@ OPEN_LEVELS = 64
 
 
 class _Level:
-    __slots__ = ("fd", "prefix", "entries")
+    __slots__ = ("entries", "fd", "prefix")
 
     def __init__(self, fd: int, prefix: str, entries: Iterator[os.DirEntry[str]]) -> None:
         self.fd = fd  # -1 while closed to save fds
