@@ -28,6 +28,7 @@ from aufs.ids import REMOVING_SUFFIX, validate_layer_id
 from aufs.store.atomic import atomic_remove, remove_tree
 from aufs.store.layout import INCOMPLETE_SUFFIX, Store, short_link_name
 from aufs.store.locking import LayerReferences, RootLock, lock_would_block
+from aufs.store.treewalk import walk
 
 MNT_DETACH = 0x2
 
@@ -77,7 +78,7 @@ def _mounts_under(directory: str) -> list[str]:
 
 def _aufs_whiteouts_in(branch: str) -> str | None:
     """A `.wh.` file below the branch's top (aufs metadata aside), if there is one."""
-    for directory, dirnames, filenames in os.walk(branch):
+    for directory, dirnames, filenames in walk(branch):
         if directory == branch:
             dirnames[:] = [d for d in dirnames if not d.startswith(whiteouts.META_PREFIX)]
         for name in filenames:

@@ -22,6 +22,7 @@ from aufs.archive.staging import clone_tree, exchange
 from aufs.errors import AufsError
 from aufs.store.atomic import atomic_write, remove_tree
 from aufs.store.layout import FORMAT_MARKER, WHITEOUT_FORMATS, Store
+from aufs.store.treewalk import walk
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def migration_in_progress(store: Store) -> str | None:
 
 def to_overlay(branch: str) -> None:
     """AUFS whiteouts in a branch become overlay ones; aufs' own metadata goes."""
-    for directory, dirnames, filenames in os.walk(branch):
+    for directory, dirnames, filenames in walk(branch):
         top = directory == branch
         for name in list(dirnames):
             if top and name.startswith(whiteouts.META_PREFIX):
@@ -74,7 +75,7 @@ def to_overlay(branch: str) -> None:
 
 def to_aufs(branch: str) -> None:
     """Overlay whiteouts in a branch become AUFS ones."""
-    for directory, _dirnames, filenames in os.walk(branch):
+    for directory, _dirnames, filenames in walk(branch):
         if whiteouts.is_opaque(directory):
             for attribute in (whiteouts.OVERLAY_OPAQUE_XATTR, whiteouts.FUSE_OPAQUE_XATTR):
                 with contextlib.suppress(OSError):  # absent
