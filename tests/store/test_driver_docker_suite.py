@@ -6,6 +6,7 @@ that list (GetDiff, Changes, DiffSize, ChildDiffSize, ApplyDiff) live in test_di
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -165,13 +166,16 @@ def mount_more_than_42_layers(harness: Harness, root: str) -> tuple[aufs.Driver,
 
 @pytest.fixture
 def aufs_tests_dir() -> Iterator[Path]:
-    """Docker's own test directory, /tmp/aufs-tests, on a private tmpfs."""
+    """Docker's own test directory, /tmp/aufs-tests, on a private tmpfs; one test run at a
+    time has it (the path is fixed, and two runs on one machine would unmount each other's)."""
     base = Path("/tmp/aufs-tests")
     if not IS_ROOT:
         pytest.skip("needs root to mount a tmpfs on /tmp/aufs-tests")
-    with tmpfs_mount(base, "1g") as mounted:
-        yield mounted
-    base.rmdir()
+    with open("/tmp/aufs-tests.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with tmpfs_mount(base, "1g") as mounted:
+            yield mounted
+        base.rmdir()
 
 
 def test_23_mount_more_than_42_layers(harness: Harness, aufs_tests_dir: Path) -> None:
