@@ -8,7 +8,10 @@ aufs/_fallback.py is its pure-Python twin and the readable spec of each function
 import os
 import operator
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.list cimport PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
@@ -21,7 +24,10 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 cimport aufs._core as core
 
 from aufs._fallback import parse_tar_number  # no hot path: one implementation
+from aufs._fallback import TARSPLIT_BATCH_BYTES as _BATCH_BYTES
+from aufs._fallback import TARSPLIT_BATCH_ITEMS as _BATCH_ITEMS
 from aufs._fallback import tarsplit_lines as _tarsplit_lines_spec
+from aufs.errors import DiffError
 
 IMPLEMENTATION = "native"
 
@@ -599,3 +605,183 @@ def tarsplit_lines(items, Py_ssize_t position):
     finally:
         PyMem_Free(out.data)
         PyMem_Free(entries)
+
+
+# ---- tar-split's collector -----------------------------------------------------------------
+
+cdef Py_ssize_t TARSPLIT_BATCH_ITEMS = _BATCH_ITEMS
+cdef Py_ssize_t TARSPLIT_BATCH_BYTES = _BATCH_BYTES
+
+
+cdef inline void acquire(object data, Py_buffer *view) except *:
+    PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+
+
+cdef class TarSplitCollector:
+    """What a tar-split recorder keeps of an archive while a TarReader reads it (see
+    aufs/_fallback.py, the spec): the same items, errors and `unusable`, with the per-member
+    work in C. A member's data only feeds the CRC (without the GIL for big pieces); the bytes
+    between members are copied once, into the segment's bytes item."""
+
+    cdef readonly Py_ssize_t max_entry_bytes, max_total_bytes, raw_bytes
+    cdef public object hash_update
+    cdef public object unusable
+    cdef public list items
+    cdef public Py_ssize_t position
+    cdef Py_ssize_t handed_raw
+    cdef char *pending
+    cdef Py_ssize_t pending_size, pending_capacity
+    cdef object file_name  # None outside a member's data
+    cdef Py_ssize_t file_size
+    cdef uint64_t crc
+    cdef set names
+
+    def __cinit__(self, *arguments, **keywords):
+        self.pending = NULL
+        self.items = []
+        self.names = set()
+
+    def __init__(self, Py_ssize_t max_entry_bytes, Py_ssize_t max_total_bytes,
+                 hash_update=None):
+        self.max_entry_bytes = max_entry_bytes
+        self.max_total_bytes = max_total_bytes
+        self.hash_update = hash_update
+
+    def __dealloc__(self):
+        PyMem_Free(self.pending)
+
+    cdef int keep(self, Py_ssize_t size) except -1:
+        """The caps, checked before size more raw bytes are kept."""
+        if self.pending_size + size > self.max_entry_bytes:
+            raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
+                            "padding in one place (after entry "
+                            f"#{self.position + len(self.items)}); refusing to record them")
+        self.raw_bytes += size
+        if self.raw_bytes > self.max_total_bytes:
+            raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
+                            "padding in the archive; refusing to record them")
+        return 0
+
+    cdef int append_pending(self, const char *data, Py_ssize_t size) except -1:
+        cdef Py_ssize_t capacity = self.pending_capacity
+        cdef char *grown
+        if self.pending_size + size > capacity:
+            capacity = max(2 * capacity, self.pending_size + size, 4096)
+            grown = <char *>PyMem_Realloc(self.pending, capacity)
+            if grown == NULL:
+                raise MemoryError()
+            self.pending = grown
+            self.pending_capacity = capacity
+        memcpy(self.pending + self.pending_size, data, size)
+        self.pending_size += size
+        return 0
+
+    cdef int consume_view(self, object piece, Py_buffer *view) except -1:
+        if self.hash_update is not None:
+            self.hash_update(piece)
+        if self.file_name is not None:
+            if view.len >= 1 << 40:
+                with nogil:
+                    self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
+                                                   view.len)
+            else:
+                self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
+                                               view.len)
+            return 0
+        self.keep(view.len)
+        return self.append_pending(<const char *>view.buf, view.len)
+
+    def consume(self, piece):
+        cdef Py_buffer view
+        acquire(piece, &view)
+        try:
+            self.consume_view(piece, &view)
+        finally:
+            PyBuffer_Release(&view)
+
+    def consume_trailing(self, piece):
+        cdef Py_buffer view
+        acquire(piece, &view)
+        try:
+            if self.unusable is None and (
+                    self.pending_size + view.len > self.max_entry_bytes
+                    or self.raw_bytes + view.len > self.max_total_bytes):
+                self.unusable = (f"more than {self.max_entry_bytes} bytes after the end of "
+                                 "the archive")
+                self.pending_size = 0
+            if self.unusable is not None:
+                if self.hash_update is not None:
+                    self.hash_update(piece)
+                return
+            self.consume_view(piece, &view)
+        finally:
+            PyBuffer_Release(&view)
+
+    def begin_file(self, str name, Py_ssize_t size, bint sparse, raw=b""):
+        cdef Py_buffer view
+        cdef Py_ssize_t length, count
+        cdef str key
+        if self.file_name is not None:
+            self.end_file()
+        acquire(raw, &view)
+        try:
+            if view.len and not self.pending_size:  # the common case: headers, one copy
+                if self.hash_update is not None:
+                    self.hash_update(raw)
+                self.keep(view.len)
+                self.items.append(PyBytes_FromStringAndSize(<const char *>view.buf, view.len))
+            elif view.len or self.pending_size:
+                self.consume_view(raw, &view)
+                self.items.append(PyBytes_FromStringAndSize(self.pending, self.pending_size))
+                self.pending_size = 0
+        finally:
+            PyBuffer_Release(&view)
+        if sparse and self.unusable is None:
+            self.unusable = f"{name!r} is a sparse file"
+        # the key of name.strip("/").removeprefix("./"), without a copy when nothing goes
+        key = name
+        length = len(key)
+        if length and (key[0] == u"/" or key[length - 1] == u"/"):
+            key = key.strip("/")
+            length = len(key)
+        if length >= 2 and key[0] == u"." and key[1] == u"/":
+            key = key[2:]
+        count = PySet_GET_SIZE(self.names)
+        PySet_Add(self.names, key)
+        if PySet_GET_SIZE(self.names) == count and self.unusable is None:
+            self.unusable = f"{name!r} is in the archive twice"
+        self.file_name = name
+        self.file_size = size
+        self.crc = 0
+
+    def end_file(self, data=b""):
+        cdef Py_buffer view
+        acquire(data, &view)
+        try:
+            if view.len:
+                self.consume_view(data, &view)
+        finally:
+            PyBuffer_Release(&view)
+        if self.file_name is None:
+            return
+        self.items.append((self.file_name, self.file_size, self.crc))
+        self.file_name = None
+        if (PyList_GET_SIZE(self.items) >= TARSPLIT_BATCH_ITEMS
+                or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES):
+            self.batch_ready()
+
+    def end_segment(self):
+        self.end_file()
+        if self.pending_size:
+            self.items.append(PyBytes_FromStringAndSize(self.pending, self.pending_size))
+            self.pending_size = 0
+
+    def take(self):
+        taken = self.items, self.position
+        self.position += len(self.items)
+        self.items = []
+        self.handed_raw = self.raw_bytes
+        return taken
+
+    def batch_ready(self):
+        pass
