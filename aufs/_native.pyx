@@ -11,12 +11,15 @@ import operator
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.list cimport PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object text)
+    int PyUnicode_KIND(object text)
+    void *PyUnicode_DATA(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
+    Py_UCS4 PyUnicode_READ(int kind, const void *data, Py_ssize_t index)
 from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
 from libc.stdint cimport int64_t, uint32_t, uint64_t
@@ -634,12 +637,14 @@ cdef class TarSplitCollector:
     cdef object file_name  # None outside a member's data
     cdef Py_ssize_t file_size
     cdef uint64_t crc
-    cdef set names
+    cdef core.aufs_name_set names  # each member's name.strip("/").removeprefix("./")
 
     def __cinit__(self, *arguments, **keywords):
         self.pending = NULL
         self.items = []
-        self.names = set()
+        cdef bytes key = os.urandom(16)
+        memset(&self.names, 0, sizeof(self.names))
+        memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
 
     def __init__(self, Py_ssize_t max_entry_bytes, Py_ssize_t max_total_bytes,
                  hash_update=None):
@@ -649,6 +654,25 @@ cdef class TarSplitCollector:
 
     def __dealloc__(self):
         PyMem_Free(self.pending)
+        core.aufs_name_set_free(&self.names)
+
+    cdef int seen_before(self, str name) except -1:
+        """Adds the name's key to the set: 1 if it was there (as a fingerprint) already."""
+        cdef int kind = PyUnicode_KIND(name)
+        cdef const char *data = <const char *>PyUnicode_DATA(name)
+        cdef Py_ssize_t start = 0, end = PyUnicode_GET_LENGTH(name)
+        cdef int rc
+        while start < end and PyUnicode_READ(kind, data, start) == 47:  # "/"
+            start += 1
+        while end > start and PyUnicode_READ(kind, data, end - 1) == 47:
+            end -= 1
+        if (end - start >= 2 and PyUnicode_READ(kind, data, start) == 46  # "."
+                and PyUnicode_READ(kind, data, start + 1) == 47):
+            start += 2
+        rc = core.aufs_name_set_add(&self.names, data + start * kind, (end - start) * kind)
+        if rc < 0:
+            raise MemoryError()
+        return rc
 
     cdef int keep(self, Py_ssize_t size) except -1:
         """The caps, checked before size more raw bytes are kept."""
@@ -719,8 +743,6 @@ cdef class TarSplitCollector:
 
     def begin_file(self, str name, Py_ssize_t size, bint sparse, raw=b""):
         cdef Py_buffer view
-        cdef Py_ssize_t length, count
-        cdef str key
         if self.file_name is not None:
             self.end_file()
         acquire(raw, &view)
@@ -738,17 +760,7 @@ cdef class TarSplitCollector:
             PyBuffer_Release(&view)
         if sparse and self.unusable is None:
             self.unusable = f"{name!r} is a sparse file"
-        # the key of name.strip("/").removeprefix("./"), without a copy when nothing goes
-        key = name
-        length = len(key)
-        if length and (key[0] == u"/" or key[length - 1] == u"/"):
-            key = key.strip("/")
-            length = len(key)
-        if length >= 2 and key[0] == u"." and key[1] == u"/":
-            key = key[2:]
-        count = PySet_GET_SIZE(self.names)
-        PySet_Add(self.names, key)
-        if PySet_GET_SIZE(self.names) == count and self.unusable is None:
+        if self.seen_before(name) and self.unusable is None:
             self.unusable = f"{name!r} is in the archive twice"
         self.file_name = name
         self.file_size = size

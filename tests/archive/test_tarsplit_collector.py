@@ -15,7 +15,8 @@ from aufs.errors import DiffError
 from conftest import NATIVE
 
 chunks = st.binary(max_size=40) | st.binary(min_size=200, max_size=800)
-names = st.sampled_from(["a", "./a", "/a/", "a/", "b", "./b/c", "caf\udce9", "日本", "./", "/"])
+names = st.sampled_from(["a", "./a", "/a/", "a/", "b", "./b/c", "caf\udce9", "日本", "./日本/",
+                         "\U0001f600", "/\U0001f600", "./", "/", ""])
 calls = st.lists(st.one_of(
     st.tuples(st.just("consume"), chunks),
     st.tuples(st.just("consume_trailing"), chunks),
@@ -108,6 +109,17 @@ def test_duplicates_sparse_members_and_trailing_data_make_it_unusable(impl: Modu
     assert collector.unusable is not None and "after the end" in collector.unusable
     collector.end_segment()
     assert collector.items == []  # what was gathered of it is dropped
+
+
+def test_thousands_of_names_then_one_again(impl: ModuleType) -> None:
+    # the native set grows as it fills: every name stays in it
+    collector = impl.TarSplitCollector(1 << 20, 1 << 30)
+    for index in range(5000):
+        collector.begin_file(f"./d{index % 7}/f{index}\u00e9" * (1 + index % 3), 0, False)
+    assert collector.unusable is None
+    again = "/d4/f4\u00e9./d4/f4\u00e9/"  # the 5th name, written another way
+    collector.begin_file(again, 0, False)
+    assert collector.unusable == f"{again!r} is in the archive twice"
 
 
 def test_batch_ready_is_called_once_enough_has_gathered(impl: ModuleType) -> None:
