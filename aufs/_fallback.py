@@ -657,9 +657,10 @@ class TarSplitCollector:
     """What a tar-split recorder keeps of an archive while a TarReader reads it: the reader
     hands over every byte it consumes (consume) and says where each member's data begins
     (begin_file) and ends (end_file). The bytes between members gather into one segment; a
-    member's data only feeds its CRC-64. `items` holds the entries not yet taken, in the
-    archive's order, as tarsplit_lines takes them: bytes for a segment, (name, size, crc)
-    for a member; batch_ready() is called whenever enough of them have gathered.
+    member's data only feeds its CRC-64. The entries gather in the archive's order, as
+    tarsplit_lines takes them (here bytes for a segment, (name, size, crc) for a member; the
+    native core packs them), until take() hands them out; batch_ready() is called whenever
+    enough of them have gathered.
 
     Raises DiffError when one place brings more than max_entry_bytes of headers and padding,
     or the archive more than max_total_bytes in all. `unusable` says why the archive cannot be
@@ -672,8 +673,8 @@ class TarSplitCollector:
         self.hash_update = hash_update  # sees every byte consumed, when given
         self.raw_bytes = 0  # kept so far, in all
         self.unusable: str | None = None
-        self.items: list[TarSplitItem] = []
-        self.position = 0  # of the first of items
+        self._items: list[TarSplitItem] = []
+        self.position = 0  # of the first entry not taken yet
         self._handed_raw = 0  # raw_bytes when items were last taken
         self._pending = bytearray()  # the segment being gathered
         self._file: tuple[str, int] | None = None  # the member whose data is being read
@@ -695,7 +696,7 @@ class TarSplitCollector:
         if len(self._pending) + size > self.max_entry_bytes:
             raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
                             "padding in one place (after entry "
-                            f"#{self.position + len(self.items)}); refusing to record them")
+                            f"#{self.position + len(self._items)}); refusing to record them")
         self.raw_bytes += size
         if self.raw_bytes > self.max_total_bytes:
             raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
@@ -725,7 +726,7 @@ class TarSplitCollector:
             self.end_file()
         if raw or self._pending:
             self.consume(raw)
-            self.items.append(bytes(self._pending))
+            self._items.append(bytes(self._pending))
             self._pending.clear()
         if sparse and self.unusable is None:
             self.unusable = f"{name!r} is a sparse file"
@@ -743,9 +744,9 @@ class TarSplitCollector:
             self.consume(data)
         if self._file is None:
             return
-        self.items.append((*self._file, self._crc))
+        self._items.append((*self._file, self._crc))
         self._file = None
-        if (len(self.items) >= TARSPLIT_BATCH_ITEMS
+        if (len(self._items) >= TARSPLIT_BATCH_ITEMS
                 or self.raw_bytes - self._handed_raw >= TARSPLIT_BATCH_BYTES):
             self.batch_ready()
 
@@ -753,14 +754,15 @@ class TarSplitCollector:
         """Closes the segment being gathered (at the end of the archive)."""
         self.end_file()
         if self._pending:
-            self.items.append(bytes(self._pending))
+            self._items.append(bytes(self._pending))
             self._pending.clear()
 
-    def take(self) -> tuple[list[TarSplitItem], int]:
-        """The items gathered since the last take, and the position of the first."""
-        taken = self.items, self.position
-        self.position += len(self.items)
-        self.items = []
+    def take(self) -> tuple[Sequence[TarSplitItem], int]:
+        """The entries gathered since the last take, for tarsplit_lines, and the position
+        of the first."""
+        taken = self._items, self.position
+        self.position += len(self._items)
+        self._items = []
         self._handed_raw = self.raw_bytes
         return taken
 

@@ -9,8 +9,8 @@ import os
 import operator
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.list cimport PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport (PyMem_Free, PyMem_Malloc, PyMem_RawFree, PyMem_RawMalloc,
+                          PyMem_Realloc)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
@@ -526,10 +526,57 @@ cdef struct LineItem:
     uint64_t crc
 
 
+cdef void write_lines(LineBuffer *out, const LineItem *entries, Py_ssize_t count,
+                      uint64_t number) noexcept nogil:
+    """The lines of entries numbered from number, into out (which has room for them)."""
+    cdef const LineItem *entry
+    cdef unsigned char crc_bytes[8]
+    cdef int shift
+    cdef Py_ssize_t index
+    for index in range(count):
+        entry = &entries[index]
+        if entry.kind == 0:
+            put(out, entry.text, entry.length)
+            number += 1
+            continue
+        if entry.kind == 1:
+            put(out, b'{"type":1,"name":', 17)
+            put_ascii_json(out, <const unsigned char *>entry.text, entry.length)
+            if entry.size:
+                put(out, b',"size":', 8)
+                put_decimal(out, entry.size)
+                for shift in range(8):
+                    crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
+                put(out, b',"payload":"', 12)
+                put_base64(out, crc_bytes, 8)
+                put(out, b'","position":', 13)
+            else:
+                put(out, b',"payload":null,"position":', 27)
+        else:
+            put(out, b'{"type":2,"payload":"', 21)
+            put_base64(out, <const unsigned char *>entry.text, entry.length)
+            put(out, b'","position":', 13)
+        put_decimal(out, number)
+        put(out, b"}\n", 2)
+        number += 1
+
+
+cdef size_t line_bound(const LineItem *entry) noexcept nogil:
+    """The most bytes entry's line can take."""
+    if entry.kind == 0:
+        return entry.length
+    if entry.kind == 1:
+        return 6 * entry.length + 120
+    return (entry.length + 2) // 3 * 4 + 60
+
+
 def tarsplit_lines(items, Py_ssize_t position):
     """Docker's tar-split JSON lines for a run of entries numbered from position (see
-    aufs/_fallback.py, the spec): the items are read with the GIL, the lines written without
-    it; a name that is not ASCII goes by the spec."""
+    aufs/_fallback.py, the spec): items is a list, read with the GIL, or a batch that
+    TarSplitCollector.take() packed, read without it; the lines are written without it. A name
+    that is not ASCII goes by the spec."""
+    if type(items) is TarSplitBatch:
+        return batch_lines(<TarSplitBatch>items, position)
     cdef Py_ssize_t count = len(items), index = 0
     cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(count, 1) * sizeof(LineItem))
     cdef LineItem *entry
@@ -537,8 +584,6 @@ def tarsplit_lines(items, Py_ssize_t position):
     cdef size_t bound = 0
     cdef Py_ssize_t length
     cdef const unsigned char[::1] raw
-    cdef unsigned char crc_bytes[8]
-    cdef int shift
     cdef uint64_t number = <uint64_t>position
     cdef list keep = []  # what the pointers point into, beyond the items themselves
     if entries == NULL:
@@ -557,14 +602,14 @@ def tarsplit_lines(items, Py_ssize_t position):
                     entry.kind = 0
                     entry.text = PyBytes_AS_STRING(line)
                     entry.length = PyBytes_GET_SIZE(line)
-                    bound += entry.length
+                    bound += line_bound(entry)
                     continue
                 entry.kind = 1
                 entry.text = PyUnicode_AsUTF8AndSize(name, &length)
                 entry.length = length
                 entry.size = (<tuple>item)[1]
                 entry.crc = (<tuple>item)[2]
-                bound += 6 * entry.length + 120
+                bound += line_bound(entry)
             else:
                 if type(item) is not bytes:
                     raw = item
@@ -573,37 +618,12 @@ def tarsplit_lines(items, Py_ssize_t position):
                 entry.kind = 2
                 entry.text = PyBytes_AS_STRING(item)
                 entry.length = PyBytes_GET_SIZE(item)
-                bound += (entry.length + 2) // 3 * 4 + 60
+                bound += line_bound(entry)
         out.data = <char *>PyMem_Malloc(max(bound, 1))
         if out.data == NULL:
             raise MemoryError()
         with nogil:
-            for index in range(count):
-                entry = &entries[index]
-                if entry.kind == 0:
-                    put(&out, entry.text, entry.length)
-                    number += 1
-                    continue
-                if entry.kind == 1:
-                    put(&out, b'{"type":1,"name":', 17)
-                    put_ascii_json(&out, <const unsigned char *>entry.text, entry.length)
-                    if entry.size:
-                        put(&out, b',"size":', 8)
-                        put_decimal(&out, entry.size)
-                        for shift in range(8):
-                            crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
-                        put(&out, b',"payload":"', 12)
-                        put_base64(&out, crc_bytes, 8)
-                        put(&out, b'","position":', 13)
-                    else:
-                        put(&out, b',"payload":null,"position":', 27)
-                else:
-                    put(&out, b'{"type":2,"payload":"', 21)
-                    put_base64(&out, <const unsigned char *>entry.text, entry.length)
-                    put(&out, b'","position":', 13)
-                put_decimal(&out, number)
-                put(&out, b"}\n", 2)
-                number += 1
+            write_lines(&out, entries, count, number)
         return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
     finally:
         PyMem_Free(out.data)
@@ -615,6 +635,94 @@ def tarsplit_lines(items, Py_ssize_t position):
 cdef Py_ssize_t TARSPLIT_BATCH_ITEMS = _BATCH_ITEMS
 cdef Py_ssize_t TARSPLIT_BATCH_BYTES = _BATCH_BYTES
 
+# A packed batch: its entries one after the other, each a kind byte (as LineItem's), then
+# for a segment or a line already built its length (8 bytes) and bytes, for a file its size,
+# CRC and name length (8 bytes each) and its ASCII name.
+
+
+cdef class TarSplitBatch:
+    """Entries a collector took, packed (no object per entry): what tarsplit_lines takes."""
+
+    cdef char *data  # owned: the collector's buffer, handed over as it was
+    cdef size_t size
+    cdef readonly Py_ssize_t count
+
+    def __cinit__(self):
+        self.data = NULL
+        self.size = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    def __len__(self):
+        return self.count
+
+
+cdef inline uint64_t get_word(const char *data) noexcept nogil:
+    cdef uint64_t word
+    memcpy(&word, data, 8)
+    return word
+
+
+cdef int unpack(const char *data, size_t size, LineItem *entries, Py_ssize_t count,
+                size_t *bound) noexcept nogil:
+    """The LineItems of a packed batch (pointing into it); -1 if it does not hold count."""
+    cdef size_t offset = 0
+    cdef Py_ssize_t index
+    cdef LineItem *entry
+    bound[0] = 0
+    for index in range(count):
+        entry = &entries[index]
+        if offset + 9 > size:
+            return -1
+        entry.kind = data[offset]
+        if entry.kind == 1:
+            if offset + 25 > size:
+                return -1
+            entry.size = get_word(data + offset + 1)
+            entry.crc = get_word(data + offset + 9)
+            entry.length = get_word(data + offset + 17)
+            offset += 25
+        else:
+            entry.length = get_word(data + offset + 1)
+            offset += 9
+        if entry.length > size - offset:
+            return -1
+        entry.text = data + offset
+        offset += entry.length
+        bound[0] += line_bound(entry)
+    return 0 if offset == size else -1
+
+
+cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
+    cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(batch.count, 1) * sizeof(LineItem))
+    cdef LineBuffer out
+    cdef size_t bound = 0
+    cdef const char *data = batch.data
+    cdef size_t size = batch.size
+    cdef Py_ssize_t count = batch.count
+    cdef int rc
+    if entries == NULL:
+        raise MemoryError()
+    out.data = NULL
+    out.used = 0
+    try:
+        with nogil:
+            rc = unpack(data, size, entries, count, &bound)
+            if rc == 0:
+                out.data = <char *>PyMem_RawMalloc(max(bound, 1))
+                if out.data != NULL:
+                    write_lines(&out, entries, count, <uint64_t>position)
+        if rc < 0:
+            raise ValueError("a tar-split batch that does not hold its entries")
+        if out.data == NULL:
+            raise MemoryError()
+        return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
+    finally:
+        PyMem_RawFree(out.data)
+        PyMem_Free(entries)
+
 
 cdef inline void acquire(object data, Py_buffer *view) except *:
     PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
@@ -622,17 +730,20 @@ cdef inline void acquire(object data, Py_buffer *view) except *:
 
 cdef class TarSplitCollector:
     """What a tar-split recorder keeps of an archive while a TarReader reads it (see
-    aufs/_fallback.py, the spec): the same items, errors and `unusable`, with the per-member
-    work in C. A member's data only feeds the CRC (without the GIL for big pieces); the bytes
-    between members are copied once, into the segment's bytes item."""
+    aufs/_fallback.py, the spec): the same entries, errors and `unusable`, with the work per
+    member in C. A member's data only feeds the CRC (without the GIL for big pieces); each
+    entry is packed into one buffer, which take() hands over as a TarSplitBatch: no object per
+    entry to make here, or to read and free (with the GIL) on the thread that formats them."""
 
     cdef readonly Py_ssize_t max_entry_bytes, max_total_bytes, raw_bytes
     cdef public object hash_update
     cdef public object unusable
-    cdef public list items
-    cdef public Py_ssize_t position
+    cdef readonly Py_ssize_t position  # of the first entry not taken yet
+    cdef Py_ssize_t count  # entries packed since the last take
     cdef Py_ssize_t handed_raw
-    cdef char *pending
+    cdef char *packed  # handed over whole by take(), which starts a new one
+    cdef Py_ssize_t packed_size, packed_capacity, last_capacity
+    cdef char *pending  # the segment being gathered, when the reader hands it in pieces
     cdef Py_ssize_t pending_size, pending_capacity
     cdef object file_name  # None outside a member's data
     cdef Py_ssize_t file_size
@@ -640,9 +751,9 @@ cdef class TarSplitCollector:
     cdef core.aufs_name_set names  # each member's name.strip("/").removeprefix("./")
 
     def __cinit__(self, *arguments, **keywords):
-        self.pending = NULL
-        self.items = []
         cdef bytes key = os.urandom(16)
+        self.packed = NULL
+        self.pending = NULL
         memset(&self.names, 0, sizeof(self.names))
         memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
 
@@ -653,6 +764,7 @@ cdef class TarSplitCollector:
         self.hash_update = hash_update
 
     def __dealloc__(self):
+        PyMem_Free(self.packed)
         PyMem_Free(self.pending)
         core.aufs_name_set_free(&self.names)
 
@@ -679,11 +791,54 @@ cdef class TarSplitCollector:
         if self.pending_size + size > self.max_entry_bytes:
             raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
                             "padding in one place (after entry "
-                            f"#{self.position + len(self.items)}); refusing to record them")
+                            f"#{self.position + self.count}); refusing to record them")
         self.raw_bytes += size
         if self.raw_bytes > self.max_total_bytes:
             raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
                             "padding in the archive; refusing to record them")
+        return 0
+
+    cdef char *reserve(self, Py_ssize_t size) except NULL:
+        """Room for size more packed bytes; the caller fills them."""
+        cdef Py_ssize_t capacity = self.packed_capacity
+        cdef char *grown
+        if self.packed_size + size > capacity:
+            capacity = max(2 * capacity, self.packed_size + size, self.last_capacity, 1 << 16)
+            grown = <char *>PyMem_Realloc(self.packed, capacity)
+            if grown == NULL:
+                raise MemoryError()
+            self.packed = grown
+            self.packed_capacity = capacity
+        grown = self.packed + self.packed_size
+        self.packed_size += size
+        return grown
+
+    cdef int pack_bytes(self, char kind, const char *data, Py_ssize_t size) except -1:
+        """A segment (kind 2) or a line already built (kind 0)."""
+        cdef char *target = self.reserve(9 + size)
+        cdef uint64_t length = size
+        target[0] = kind
+        memcpy(target + 1, &length, 8)
+        memcpy(target + 9, data, size)
+        self.count += 1
+        return 0
+
+    cdef int pack_file(self) except -1:
+        cdef uint64_t words[3]
+        cdef char *target
+        cdef bytes line
+        if not PyUnicode_IS_ASCII(self.file_name):
+            line = _tarsplit_lines_spec([(self.file_name, self.file_size, self.crc)],
+                                        self.position + self.count)
+            return self.pack_bytes(0, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
+        words[0] = self.file_size
+        words[1] = self.crc
+        words[2] = PyUnicode_GET_LENGTH(self.file_name)
+        target = self.reserve(25 + words[2])
+        target[0] = 1
+        memcpy(target + 1, words, 24)
+        memcpy(target + 25, PyUnicode_DATA(self.file_name), words[2])
+        self.count += 1
         return 0
 
     cdef int append_pending(self, const char *data, Py_ssize_t size) except -1:
@@ -704,7 +859,7 @@ cdef class TarSplitCollector:
         if self.hash_update is not None:
             self.hash_update(piece)
         if self.file_name is not None:
-            if view.len >= 1 << 40:
+            if view.len >= 1 << 18:
                 with nogil:
                     self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
                                                    view.len)
@@ -751,10 +906,10 @@ cdef class TarSplitCollector:
                 if self.hash_update is not None:
                     self.hash_update(raw)
                 self.keep(view.len)
-                self.items.append(PyBytes_FromStringAndSize(<const char *>view.buf, view.len))
+                self.pack_bytes(2, <const char *>view.buf, view.len)
             elif view.len or self.pending_size:
                 self.consume_view(raw, &view)
-                self.items.append(PyBytes_FromStringAndSize(self.pending, self.pending_size))
+                self.pack_bytes(2, self.pending, self.pending_size)
                 self.pending_size = 0
         finally:
             PyBuffer_Release(&view)
@@ -776,22 +931,30 @@ cdef class TarSplitCollector:
             PyBuffer_Release(&view)
         if self.file_name is None:
             return
-        self.items.append((self.file_name, self.file_size, self.crc))
+        self.pack_file()
         self.file_name = None
-        if (PyList_GET_SIZE(self.items) >= TARSPLIT_BATCH_ITEMS
+        if (self.count >= TARSPLIT_BATCH_ITEMS
                 or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES):
             self.batch_ready()
 
     def end_segment(self):
         self.end_file()
         if self.pending_size:
-            self.items.append(PyBytes_FromStringAndSize(self.pending, self.pending_size))
+            self.pack_bytes(2, self.pending, self.pending_size)
             self.pending_size = 0
 
     def take(self):
-        taken = self.items, self.position
-        self.position += len(self.items)
-        self.items = []
+        cdef TarSplitBatch batch = TarSplitBatch.__new__(TarSplitBatch)
+        batch.data = self.packed
+        batch.size = self.packed_size
+        batch.count = self.count
+        taken = batch, self.position
+        self.position += self.count
+        self.count = 0
+        self.packed = NULL
+        self.packed_size = 0
+        self.last_capacity = max(self.last_capacity, self.packed_capacity)
+        self.packed_capacity = 0
         self.handed_raw = self.raw_bytes
         return taken
 

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO, NamedTuple, Protocol
 
 from aufs import _implementation as native
@@ -184,7 +184,7 @@ class TarSplitRecorder(native.TarSplitCollector):
                          None if self._hash is None else self._hash.update)
         self._compressor = _new_gzip_compressor()
         self._compressed: list[bytes] = []
-        self._batches: queue.SimpleQueue[tuple[list[bytes | tuple[str, int, int]], int] | None]
+        self._batches: queue.SimpleQueue[tuple[Sequence[bytes | tuple[str, int, int]], int] | None]
         self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
         self._finished: bytes | None = None

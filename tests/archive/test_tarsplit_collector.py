@@ -1,5 +1,5 @@
 """The tar-split collector: the native one does exactly what the fallback (its spec) does,
-call for call: the same items, batches, hash input, caps errors and `unusable`."""
+call for call: the same lines from each batch, hash input, caps errors and `unusable`."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def run(impl: ModuleType, script: list[tuple[Any, ...]], max_entry: int,
 
     class Collector(impl.TarSplitCollector):  # type: ignore[name-defined, misc]
         def batch_ready(self) -> None:
-            events.append(("batch", self.take()))
+            events.append(("batch", impl.tarsplit_lines(*self.take())))
 
     collector = Collector(max_entry, max_total, lambda piece: seen.append(bytes(piece)))
     for name, *arguments in script:
@@ -45,12 +45,14 @@ def run(impl: ModuleType, script: list[tuple[Any, ...]], max_entry: int,
         elif name == "begin_file":
             arguments[3] = memoryview(arguments[3])
         try:
-            events.append(getattr(collector, name)(*arguments))
+            result = getattr(collector, name)(*arguments)
+            events.append(impl.tarsplit_lines(*result) if name == "take" else result)
         except DiffError as error:
             events.append(("error", str(error)))
             break
-    events.append((b"".join(seen), collector.items, collector.position, collector.raw_bytes,
-                   collector.unusable))
+    position = collector.position
+    events.append((b"".join(seen), position, impl.tarsplit_lines(*collector.take()),
+                   collector.position, collector.raw_bytes, collector.unusable))
     return events
 
 
@@ -75,10 +77,13 @@ def test_the_collector_records_members_and_segments(impl: ModuleType) -> None:
     collector.end_segment()
     expected = [b"H" * 512, ("./a", 3, impl.crc64_iso(0, b"abc")), b"P" * 509 + b"H" * 512,
                 ("b", 0, 0), bytes(1024)]
-    assert collector.items == expected
     assert collector.raw_bytes == 512 + 1021 + 1024 and collector.unusable is None
-    assert collector.take() == (expected, 0)
-    assert (collector.items, collector.position) == ([], 5)
+    batch, position = collector.take()
+    assert (len(batch), position) == (5, 0)
+    assert impl.tarsplit_lines(batch, 7) == _fallback.tarsplit_lines(expected, 7)
+    assert collector.position == 5
+    batch, position = collector.take()
+    assert (len(batch), position, impl.tarsplit_lines(batch, 5)) == (0, 5, b"")
 
 
 def test_the_collector_keeps_the_caps(impl: ModuleType) -> None:
@@ -108,7 +113,7 @@ def test_duplicates_sparse_members_and_trailing_data_make_it_unusable(impl: Modu
     collector.consume_trailing(bytes(51))
     assert collector.unusable is not None and "after the end" in collector.unusable
     collector.end_segment()
-    assert collector.items == []  # what was gathered of it is dropped
+    assert len(collector.take()[0]) == 0  # what was gathered of it is dropped
 
 
 def test_thousands_of_names_then_one_again(impl: ModuleType) -> None:
@@ -133,8 +138,8 @@ def test_batch_ready_is_called_once_enough_has_gathered(impl: ModuleType) -> Non
     for index in range(_fallback.TARSPLIT_BATCH_ITEMS // 2):
         collector.begin_file(f"f{index}", 0, False, b"h")
         collector.end_file()
-    assert [len(items) for items, _ in batches] == [_fallback.TARSPLIT_BATCH_ITEMS]
+    assert [len(batch) for batch, _ in batches] == [_fallback.TARSPLIT_BATCH_ITEMS]
     collector.begin_file("big", 0, False, bytes(_fallback.TARSPLIT_BATCH_BYTES))
     collector.end_file()
-    assert [(len(items), position) for items, position in batches] == [
+    assert [(len(batch), position) for batch, position in batches] == [
         (_fallback.TARSPLIT_BATCH_ITEMS, 0), (2, _fallback.TARSPLIT_BATCH_ITEMS)]
