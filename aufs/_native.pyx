@@ -22,7 +22,7 @@ cdef extern from "Python.h":
     Py_UCS4 PyUnicode_READ(int kind, const void *data, Py_ssize_t index)
 from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
@@ -438,10 +438,36 @@ cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept no
     out.used += size
 
 
+# the two digits of every 12 bits, in the order they are written: six bytes take four
+# look-ups (most of a tar-split record is base64 of header blocks)
+cdef char BASE64_PAIRS[4096][2]
+
+
+cdef void build_base64_pairs() noexcept:
+    cdef int value
+    for value in range(4096):
+        BASE64_PAIRS[value][0] = BASE64_DIGITS[value >> 6]
+        BASE64_PAIRS[value][1] = BASE64_DIGITS[value & 63]
+
+
+build_base64_pairs()
+
+
 cdef void put_base64(LineBuffer *out, const unsigned char *data, size_t size) noexcept nogil:
     cdef char *target = out.data + out.used
     cdef size_t index = 0
     cdef uint32_t word
+    cdef uint64_t six
+    while index + 6 <= size:
+        six = ((<uint64_t>data[index] << 40) | (<uint64_t>data[index + 1] << 32)
+               | (<uint64_t>data[index + 2] << 24) | (<uint64_t>data[index + 3] << 16)
+               | (<uint64_t>data[index + 4] << 8) | data[index + 5])
+        memcpy(target, BASE64_PAIRS[six >> 36], 2)
+        memcpy(target + 2, BASE64_PAIRS[(six >> 24) & 4095], 2)
+        memcpy(target + 4, BASE64_PAIRS[(six >> 12) & 4095], 2)
+        memcpy(target + 6, BASE64_PAIRS[six & 4095], 2)
+        target += 8
+        index += 6
     while index + 3 <= size:
         word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8) | data[index + 2]
         target[0] = BASE64_DIGITS[word >> 18]
