@@ -86,7 +86,8 @@ cdef extern from "aufs_core.h" nogil:
         uint64_t *slots
         size_t capacity
         size_t count
-    int aufs_name_set_add(aufs_name_set *set, const void *name, size_t size)
+    uint64_t aufs_name_fingerprint(const aufs_name_set *set, const void *name, size_t size)
+    ssize_t aufs_name_set_add(aufs_name_set *set, const uint64_t *fingerprints, size_t count)
     void aufs_name_set_free(aufs_name_set *set)
 
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,

@@ -659,6 +659,7 @@ def tarsplit_lines(items, Py_ssize_t position):
 # ---- tar-split's collector -----------------------------------------------------------------
 
 cdef Py_ssize_t TARSPLIT_BATCH_ITEMS = _BATCH_ITEMS
+cdef Py_ssize_t NAMES_AT_ONCE = 512
 cdef Py_ssize_t TARSPLIT_BATCH_BYTES = _BATCH_BYTES
 
 # A packed batch: its entries one after the other, each a kind byte (as LineItem's), then
@@ -763,7 +764,8 @@ cdef class TarSplitCollector:
 
     cdef readonly Py_ssize_t max_entry_bytes, max_total_bytes, raw_bytes
     cdef public object hash_update
-    cdef public object unusable
+    cdef object reason  # why the archive cannot be replayed, once known
+    cdef Py_ssize_t reason_at  # the position of the entry that made it so
     cdef readonly Py_ssize_t position  # of the first entry not taken yet
     cdef Py_ssize_t count  # entries packed since the last take
     cdef Py_ssize_t handed_raw
@@ -775,11 +777,22 @@ cdef class TarSplitCollector:
     cdef Py_ssize_t file_size
     cdef uint64_t crc
     cdef core.aufs_name_set names  # each member's name.strip("/").removeprefix("./")
+    # the names not added to it yet: fingerprint, position and name of each
+    cdef uint64_t *fingerprints
+    cdef Py_ssize_t *fingerprint_positions
+    cdef Py_ssize_t fingerprint_count
+    cdef list fingerprint_names
 
     def __cinit__(self, *arguments, **keywords):
         cdef bytes key = os.urandom(16)
         self.packed = NULL
         self.pending = NULL
+        self.fingerprints = <uint64_t *>PyMem_Malloc(NAMES_AT_ONCE * sizeof(uint64_t))
+        self.fingerprint_positions = <Py_ssize_t *>PyMem_Malloc(
+            NAMES_AT_ONCE * sizeof(Py_ssize_t))
+        if self.fingerprints == NULL or self.fingerprint_positions == NULL:
+            raise MemoryError()
+        self.fingerprint_names = []
         memset(&self.names, 0, sizeof(self.names))
         memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
 
@@ -792,14 +805,27 @@ cdef class TarSplitCollector:
     def __dealloc__(self):
         PyMem_Free(self.packed)
         PyMem_Free(self.pending)
+        PyMem_Free(self.fingerprints)
+        PyMem_Free(self.fingerprint_positions)
         core.aufs_name_set_free(&self.names)
 
-    cdef int seen_before(self, str name) except -1:
-        """Adds the name's key to the set: 1 if it was there (as a fingerprint) already."""
+    @property
+    def unusable(self):
+        """Why the archive cannot be replayed (as the spec says it), or None."""
+        self.add_names()
+        return self.reason
+
+    cdef void make_unusable(self, str reason, Py_ssize_t at):
+        """The reason of the earliest entry wins, whatever order they are found in."""
+        if self.reason is None or at < self.reason_at:
+            self.reason = reason
+            self.reason_at = at
+
+    cdef int note_name(self, str name) except -1:
+        """The name's key goes into the set later, with others: see add_names."""
         cdef int kind = PyUnicode_KIND(name)
         cdef const char *data = <const char *>PyUnicode_DATA(name)
         cdef Py_ssize_t start = 0, end = PyUnicode_GET_LENGTH(name)
-        cdef int rc
         while start < end and PyUnicode_READ(kind, data, start) == 47:  # "/"
             start += 1
         while end > start and PyUnicode_READ(kind, data, end - 1) == 47:
@@ -807,10 +833,31 @@ cdef class TarSplitCollector:
         if (end - start >= 2 and PyUnicode_READ(kind, data, start) == 46  # "."
                 and PyUnicode_READ(kind, data, start + 1) == 47):
             start += 2
-        rc = core.aufs_name_set_add(&self.names, data + start * kind, (end - start) * kind)
-        if rc < 0:
+        self.fingerprints[self.fingerprint_count] = core.aufs_name_fingerprint(
+            &self.names, data + start * kind, (end - start) * kind)
+        self.fingerprint_positions[self.fingerprint_count] = self.position + self.count
+        self.fingerprint_names.append(name)
+        self.fingerprint_count += 1
+        if self.fingerprint_count == NAMES_AT_ONCE:
+            self.add_names()
+        return 0
+
+    cdef int add_names(self) except -1:
+        """Adds the noted names to the set, a run at a time (their cache misses overlap):
+        a name that was there makes the archive unusable."""
+        cdef ssize_t seen
+        if not self.fingerprint_count:
+            return 0
+        seen = core.aufs_name_set_add(&self.names, self.fingerprints, self.fingerprint_count)
+        if seen < -1:
             raise MemoryError()
-        return rc
+        if seen >= 0:
+            name = self.fingerprint_names[seen]
+            self.make_unusable(f"{name!r} is in the archive twice",
+                               self.fingerprint_positions[seen])
+        self.fingerprint_count = 0
+        del self.fingerprint_names[:]
+        return 0
 
     cdef int keep(self, Py_ssize_t size) except -1:
         """The caps, checked before size more raw bytes are kept."""
@@ -908,13 +955,14 @@ cdef class TarSplitCollector:
         cdef Py_buffer view
         acquire(piece, &view)
         try:
-            if self.unusable is None and (
+            self.add_names()
+            if self.reason is None and (
                     self.pending_size + view.len > self.max_entry_bytes
                     or self.raw_bytes + view.len > self.max_total_bytes):
-                self.unusable = (f"more than {self.max_entry_bytes} bytes after the end of "
-                                 "the archive")
+                self.make_unusable(f"more than {self.max_entry_bytes} bytes after the end of "
+                                   "the archive", self.position + self.count)
                 self.pending_size = 0
-            if self.unusable is not None:
+            if self.reason is not None:
                 if self.hash_update is not None:
                     self.hash_update(piece)
                 return
@@ -939,10 +987,9 @@ cdef class TarSplitCollector:
                 self.pending_size = 0
         finally:
             PyBuffer_Release(&view)
-        if sparse and self.unusable is None:
-            self.unusable = f"{name!r} is a sparse file"
-        if self.seen_before(name) and self.unusable is None:
-            self.unusable = f"{name!r} is in the archive twice"
+        if sparse:
+            self.make_unusable(f"{name!r} is a sparse file", self.position + self.count)
+        self.note_name(name)
         self.file_name = name
         self.file_size = size
         self.crc = 0

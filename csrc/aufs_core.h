@@ -148,9 +148,11 @@ struct aufs_name_set {
     size_t count;
 };
 
-/* 0 when the name is new (it is added), 1 when it was added before (or its fingerprint
- * was), -ENOMEM. */
-int aufs_name_set_add(struct aufs_name_set *set, const void *name, size_t size);
+/* The name's fingerprint under the set's key (never 0). */
+uint64_t aufs_name_fingerprint(const struct aufs_name_set *set, const void *name, size_t size);
+/* Adds the fingerprints in order: the index of the first that was there already (added
+ * before, or earlier in this call), -1 if none, or -ENOMEM (then none is added). */
+ssize_t aufs_name_set_add(struct aufs_name_set *set, const uint64_t *fingerprints, size_t count);
 void aufs_name_set_free(struct aufs_name_set *set);
 
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */

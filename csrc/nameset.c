@@ -3,7 +3,9 @@
  * layer: once per member while the layer is applied, so it must cost little, and it takes
  * untrusted names, so an archive must not be able to make it slow. Each name goes in as its
  * SipHash-1-3 under a random key (an archive cannot aim names at one slot without the key),
- * into an open-addressing table kept at most half full. Two different names whose 64-bit
+ * into an open-addressing table kept at most half full. The fingerprints are added a batch
+ * at a time, the slots of those ahead fetched early: one lookup misses the cache (the table
+ * is bigger than what unpacking leaves of it), several in a row overlap. Two different names whose 64-bit
  * fingerprints agree count as the same name: the caller then records nothing for the layer,
  * as it does for a real duplicate, which any archive can hold anyway.
  */
@@ -55,9 +57,13 @@ uint64_t aufs_siphash13(const uint64_t key[2], const void *data, size_t size)
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-static int grow(struct aufs_name_set *set)
+static int grow(struct aufs_name_set *set, size_t wanted)
 {
-    size_t capacity = set->capacity ? 2 * set->capacity : 1024;
+    size_t capacity = set->capacity ? set->capacity : 1024;
+    while (2 * wanted > capacity)
+        capacity *= 2;
+    if (capacity == set->capacity)
+        return 0;
     uint64_t *slots = calloc(capacity, sizeof(uint64_t));
     if (slots == NULL)
         return -ENOMEM;
@@ -76,25 +82,35 @@ static int grow(struct aufs_name_set *set)
     return 0;
 }
 
-int aufs_name_set_add(struct aufs_name_set *set, const void *name, size_t size)
+uint64_t aufs_name_fingerprint(const struct aufs_name_set *set, const void *name, size_t size)
 {
-    if (2 * (set->count + 1) > set->capacity) {
-        int rc = grow(set);
-        if (rc < 0)
-            return rc;
-    }
     uint64_t fingerprint = aufs_siphash13(set->key, name, size);
-    if (!fingerprint)
-        fingerprint = 1; /* 0 marks an empty slot */
-    size_t slot = fingerprint & (set->capacity - 1);
-    while (set->slots[slot]) {
-        if (set->slots[slot] == fingerprint)
-            return 1;
-        slot = (slot + 1) & (set->capacity - 1);
+    return fingerprint ? fingerprint : 1; /* 0 marks an empty slot */
+}
+
+ssize_t aufs_name_set_add(struct aufs_name_set *set, const uint64_t *fingerprints, size_t count)
+{
+    int rc = grow(set, set->count + count);
+    if (rc < 0)
+        return rc;
+    size_t mask = set->capacity - 1;
+    ssize_t first_seen = -1;
+    for (size_t index = 0; index < count; index++) {
+        if (index + 8 < count)
+            __builtin_prefetch(&set->slots[fingerprints[index + 8] & mask]);
+        uint64_t fingerprint = fingerprints[index];
+        size_t slot = fingerprint & mask;
+        while (set->slots[slot] && set->slots[slot] != fingerprint)
+            slot = (slot + 1) & mask;
+        if (set->slots[slot]) {
+            if (first_seen < 0)
+                first_seen = (ssize_t)index;
+            continue;
+        }
+        set->slots[slot] = fingerprint;
+        set->count++;
     }
-    set->slots[slot] = fingerprint;
-    set->count++;
-    return 0;
+    return first_seen;
 }
 
 void aufs_name_set_free(struct aufs_name_set *set)
