@@ -80,5 +80,15 @@ cdef extern from "aufs_core.h" nogil:
 
     uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size)
 
+    uint64_t aufs_siphash13(const uint64_t *key, const void *data, size_t size)
+    struct aufs_name_set:
+        uint64_t key[2]
+        uint64_t *slots
+        size_t capacity
+        size_t count
+    uint64_t aufs_name_fingerprint(const aufs_name_set *set, const void *name, size_t size)
+    ssize_t aufs_name_set_add(aufs_name_set *set, const uint64_t *fingerprints, size_t count)
+    void aufs_name_set_free(aufs_name_set *set)
+
     int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                             char *error_path, size_t error_path_size)

@@ -17,6 +17,8 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
+from aufs.errors import DiffError
+
 _json_string = json.encoder.encode_basestring_ascii
 
 IMPLEMENTATION = "fallback"
@@ -642,3 +644,127 @@ def _is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# ---- tar-split's collector ---------------------------------------------------------------------
+
+# what a collector gathers before it calls batch_ready(): entries, raw bytes kept
+TARSPLIT_BATCH_ITEMS = 2048
+TARSPLIT_BATCH_BYTES = 256 << 10
+
+
+class TarSplitCollector:
+    """What a tar-split recorder keeps of an archive while a TarReader reads it: the reader
+    hands over every byte it consumes (consume) and says where each member's data begins
+    (begin_file) and ends (end_file). The bytes between members gather into one segment; a
+    member's data only feeds its CRC-64. The entries gather in the archive's order, as
+    tarsplit_lines takes them (here bytes for a segment, (name, size, crc) for a member; the
+    native core packs them), until take() hands them out; batch_ready() is called whenever
+    enough of them have gathered.
+
+    Raises DiffError when one place brings more than max_entry_bytes of headers and padding,
+    or the archive more than max_total_bytes in all. `unusable` says why the archive cannot be
+    replayed (a sparse member, a name seen twice, too much after the end), if so."""
+
+    def __init__(self, max_entry_bytes: int, max_total_bytes: int,
+                 hash_update: Callable[[bytes | memoryview], object] | None = None) -> None:
+        self.max_entry_bytes = max_entry_bytes
+        self.max_total_bytes = max_total_bytes
+        self.hash_update = hash_update  # sees every byte consumed, when given
+        self.raw_bytes = 0  # kept so far, in all
+        self.unusable: str | None = None
+        self._items: list[TarSplitItem] = []
+        self.position = 0  # of the first entry not taken yet
+        self._handed_raw = 0  # raw_bytes when items were last taken
+        self._pending = bytearray()  # the segment being gathered
+        self._file: tuple[str, int] | None = None  # the member whose data is being read
+        self._crc = 0
+        self._names: set[str] = set()
+
+    def consume(self, piece: bytes | memoryview) -> None:
+        """Bytes the reader consumed: the current member's data, or raw archive bytes."""
+        if self.hash_update is not None:
+            self.hash_update(piece)
+        if self._file is not None:
+            self._crc = crc64_iso(self._crc, piece)
+            return
+        self._keep(len(piece))
+        self._pending += piece
+
+    def _keep(self, size: int) -> None:
+        """The caps, checked before size more raw bytes are kept."""
+        if len(self._pending) + size > self.max_entry_bytes:
+            raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
+                            "padding in one place (after entry "
+                            f"#{self.position + len(self._items)}); refusing to record them")
+        self.raw_bytes += size
+        if self.raw_bytes > self.max_total_bytes:
+            raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
+                            "padding in the archive; refusing to record them")
+
+    def consume_trailing(self, piece: bytes | memoryview) -> None:
+        """Bytes after the end-of-archive blocks, which apply ignores. Past the caps they
+        make the archive unusable for replay, not an error: trailing data is valid (and the
+        hash still sees it)."""
+        if self.unusable is None and (
+                len(self._pending) + len(piece) > self.max_entry_bytes
+                or self.raw_bytes + len(piece) > self.max_total_bytes):
+            self.unusable = f"more than {self.max_entry_bytes} bytes after the end of the archive"
+            self._pending.clear()
+        if self.unusable is not None:
+            if self.hash_update is not None:
+                self.hash_update(piece)
+            return
+        self.consume(piece)
+
+    def begin_file(self, name: str, size: int, sparse: bool,
+                   raw: bytes | memoryview = b"") -> None:
+        """A member's data starts: its name as the archive has it (decoded with
+        surrogateescape) and data size; raw: the last of the bytes before it, not yet
+        consumed (its headers)."""
+        if self._file is not None:
+            self.end_file()
+        if raw or self._pending:
+            self.consume(raw)
+            self._items.append(bytes(self._pending))
+            self._pending.clear()
+        if sparse and self.unusable is None:
+            self.unusable = f"{name!r} is a sparse file"
+        key = name.strip("/").removeprefix("./")
+        if key in self._names and self.unusable is None:
+            self.unusable = f"{name!r} is in the archive twice"
+        self._names.add(key)
+        self._file = (name, size)
+        self._crc = 0
+
+    def end_file(self, data: bytes | memoryview = b"") -> None:
+        """A member's data ends; data: the last of it, not yet consumed. Outside a member,
+        data is raw bytes."""
+        if data:
+            self.consume(data)
+        if self._file is None:
+            return
+        self._items.append((*self._file, self._crc))
+        self._file = None
+        if (len(self._items) >= TARSPLIT_BATCH_ITEMS
+                or self.raw_bytes - self._handed_raw >= TARSPLIT_BATCH_BYTES):
+            self.batch_ready()
+
+    def end_segment(self) -> None:
+        """Closes the segment being gathered (at the end of the archive)."""
+        self.end_file()
+        if self._pending:
+            self._items.append(bytes(self._pending))
+            self._pending.clear()
+
+    def take(self) -> tuple[Sequence[TarSplitItem], int]:
+        """The entries gathered since the last take, for tarsplit_lines, and the position
+        of the first."""
+        taken = self._items, self.position
+        self.position += len(self._items)
+        self._items = []
+        self._handed_raw = self.raw_bytes
+        return taken
+
+    def batch_ready(self) -> None:
+        """Called when enough items have gathered to be taken; a recorder overrides it."""

@@ -49,6 +49,7 @@ open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on bo
 parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
+TarSplitCollector = _chosen.TarSplitCollector
 tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
 unshare = _fallback.unshare  # pure Python on both paths
@@ -56,6 +57,7 @@ unshare = _fallback.unshare  # pure Python on both paths
 __all__ = [
     "IMPLEMENTATION",
     "IOQueue",
+    "TarSplitCollector",
     "aufs_mount_data",
     "crc64_iso",
     "directory_size",

@@ -4,6 +4,7 @@ from collections.abc import Iterable, Sequence
 
 from aufs._fallback import IOQueue as IOQueue
 from aufs._fallback import PathArg, TarFields
+from aufs._fallback import TarSplitCollector as TarSplitCollector
 from aufs._fallback import crc64_iso as crc64_iso
 from aufs._fallback import finish_file as finish_file
 from aufs._fallback import parse_tar_number as parse_tar_number

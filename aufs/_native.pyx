@@ -8,20 +8,29 @@ aufs/_fallback.py is its pure-Python twin and the readable spec of each function
 import os
 import operator
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport (PyMem_Free, PyMem_Malloc, PyMem_RawFree, PyMem_RawMalloc,
+                          PyMem_Realloc)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object text)
+    int PyUnicode_KIND(object text)
+    void *PyUnicode_DATA(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
+    Py_UCS4 PyUnicode_READ(int kind, const void *data, Py_ssize_t index)
 from libc.string cimport memcpy, memset
 from libc.errno cimport ENOENT
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cimport aufs._core as core
 
 from aufs._fallback import parse_tar_number  # no hot path: one implementation
+from aufs._fallback import TARSPLIT_BATCH_BYTES as _BATCH_BYTES
+from aufs._fallback import TARSPLIT_BATCH_ITEMS as _BATCH_ITEMS
 from aufs._fallback import tarsplit_lines as _tarsplit_lines_spec
+from aufs.errors import DiffError
 
 IMPLEMENTATION = "native"
 
@@ -429,10 +438,36 @@ cdef inline void put(LineBuffer *out, const char *text, size_t size) noexcept no
     out.used += size
 
 
+# the two digits of every 12 bits, in the order they are written: six bytes take four
+# look-ups (most of a tar-split record is base64 of header blocks)
+cdef char BASE64_PAIRS[4096][2]
+
+
+cdef void build_base64_pairs() noexcept:
+    cdef int value
+    for value in range(4096):
+        BASE64_PAIRS[value][0] = BASE64_DIGITS[value >> 6]
+        BASE64_PAIRS[value][1] = BASE64_DIGITS[value & 63]
+
+
+build_base64_pairs()
+
+
 cdef void put_base64(LineBuffer *out, const unsigned char *data, size_t size) noexcept nogil:
     cdef char *target = out.data + out.used
     cdef size_t index = 0
     cdef uint32_t word
+    cdef uint64_t six
+    while index + 6 <= size:
+        six = ((<uint64_t>data[index] << 40) | (<uint64_t>data[index + 1] << 32)
+               | (<uint64_t>data[index + 2] << 24) | (<uint64_t>data[index + 3] << 16)
+               | (<uint64_t>data[index + 4] << 8) | data[index + 5])
+        memcpy(target, BASE64_PAIRS[six >> 36], 2)
+        memcpy(target + 2, BASE64_PAIRS[(six >> 24) & 4095], 2)
+        memcpy(target + 4, BASE64_PAIRS[(six >> 12) & 4095], 2)
+        memcpy(target + 6, BASE64_PAIRS[six & 4095], 2)
+        target += 8
+        index += 6
     while index + 3 <= size:
         word = (<uint32_t>data[index] << 16) | (<uint32_t>data[index + 1] << 8) | data[index + 2]
         target[0] = BASE64_DIGITS[word >> 18]
@@ -517,10 +552,57 @@ cdef struct LineItem:
     uint64_t crc
 
 
+cdef void write_lines(LineBuffer *out, const LineItem *entries, Py_ssize_t count,
+                      uint64_t number) noexcept nogil:
+    """The lines of entries numbered from number, into out (which has room for them)."""
+    cdef const LineItem *entry
+    cdef unsigned char crc_bytes[8]
+    cdef int shift
+    cdef Py_ssize_t index
+    for index in range(count):
+        entry = &entries[index]
+        if entry.kind == 0:
+            put(out, entry.text, entry.length)
+            number += 1
+            continue
+        if entry.kind == 1:
+            put(out, b'{"type":1,"name":', 17)
+            put_ascii_json(out, <const unsigned char *>entry.text, entry.length)
+            if entry.size:
+                put(out, b',"size":', 8)
+                put_decimal(out, entry.size)
+                for shift in range(8):
+                    crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
+                put(out, b',"payload":"', 12)
+                put_base64(out, crc_bytes, 8)
+                put(out, b'","position":', 13)
+            else:
+                put(out, b',"payload":null,"position":', 27)
+        else:
+            put(out, b'{"type":2,"payload":"', 21)
+            put_base64(out, <const unsigned char *>entry.text, entry.length)
+            put(out, b'","position":', 13)
+        put_decimal(out, number)
+        put(out, b"}\n", 2)
+        number += 1
+
+
+cdef size_t line_bound(const LineItem *entry) noexcept nogil:
+    """The most bytes entry's line can take."""
+    if entry.kind == 0:
+        return entry.length
+    if entry.kind == 1:
+        return 6 * entry.length + 120
+    return (entry.length + 2) // 3 * 4 + 60
+
+
 def tarsplit_lines(items, Py_ssize_t position):
     """Docker's tar-split JSON lines for a run of entries numbered from position (see
-    aufs/_fallback.py, the spec): the items are read with the GIL, the lines written without
-    it; a name that is not ASCII goes by the spec."""
+    aufs/_fallback.py, the spec): items is a list, read with the GIL, or a batch that
+    TarSplitCollector.take() packed, read without it; the lines are written without it. A name
+    that is not ASCII goes by the spec."""
+    if type(items) is TarSplitBatch:
+        return batch_lines(<TarSplitBatch>items, position)
     cdef Py_ssize_t count = len(items), index = 0
     cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(count, 1) * sizeof(LineItem))
     cdef LineItem *entry
@@ -528,8 +610,6 @@ def tarsplit_lines(items, Py_ssize_t position):
     cdef size_t bound = 0
     cdef Py_ssize_t length
     cdef const unsigned char[::1] raw
-    cdef unsigned char crc_bytes[8]
-    cdef int shift
     cdef uint64_t number = <uint64_t>position
     cdef list keep = []  # what the pointers point into, beyond the items themselves
     if entries == NULL:
@@ -548,14 +628,14 @@ def tarsplit_lines(items, Py_ssize_t position):
                     entry.kind = 0
                     entry.text = PyBytes_AS_STRING(line)
                     entry.length = PyBytes_GET_SIZE(line)
-                    bound += entry.length
+                    bound += line_bound(entry)
                     continue
                 entry.kind = 1
                 entry.text = PyUnicode_AsUTF8AndSize(name, &length)
                 entry.length = length
                 entry.size = (<tuple>item)[1]
                 entry.crc = (<tuple>item)[2]
-                bound += 6 * entry.length + 120
+                bound += line_bound(entry)
             else:
                 if type(item) is not bytes:
                     raw = item
@@ -564,38 +644,392 @@ def tarsplit_lines(items, Py_ssize_t position):
                 entry.kind = 2
                 entry.text = PyBytes_AS_STRING(item)
                 entry.length = PyBytes_GET_SIZE(item)
-                bound += (entry.length + 2) // 3 * 4 + 60
+                bound += line_bound(entry)
         out.data = <char *>PyMem_Malloc(max(bound, 1))
         if out.data == NULL:
             raise MemoryError()
         with nogil:
-            for index in range(count):
-                entry = &entries[index]
-                if entry.kind == 0:
-                    put(&out, entry.text, entry.length)
-                    number += 1
-                    continue
-                if entry.kind == 1:
-                    put(&out, b'{"type":1,"name":', 17)
-                    put_ascii_json(&out, <const unsigned char *>entry.text, entry.length)
-                    if entry.size:
-                        put(&out, b',"size":', 8)
-                        put_decimal(&out, entry.size)
-                        for shift in range(8):
-                            crc_bytes[shift] = <unsigned char>(entry.crc >> (56 - 8 * shift))
-                        put(&out, b',"payload":"', 12)
-                        put_base64(&out, crc_bytes, 8)
-                        put(&out, b'","position":', 13)
-                    else:
-                        put(&out, b',"payload":null,"position":', 27)
-                else:
-                    put(&out, b'{"type":2,"payload":"', 21)
-                    put_base64(&out, <const unsigned char *>entry.text, entry.length)
-                    put(&out, b'","position":', 13)
-                put_decimal(&out, number)
-                put(&out, b"}\n", 2)
-                number += 1
+            write_lines(&out, entries, count, number)
         return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
     finally:
         PyMem_Free(out.data)
         PyMem_Free(entries)
+
+
+# ---- tar-split's collector -----------------------------------------------------------------
+
+cdef Py_ssize_t TARSPLIT_BATCH_ITEMS = _BATCH_ITEMS
+cdef Py_ssize_t NAMES_AT_ONCE = 512
+cdef Py_ssize_t TARSPLIT_BATCH_BYTES = _BATCH_BYTES
+
+# A packed batch: its entries one after the other, each a kind byte (as LineItem's), then
+# for a segment or a line already built its length (8 bytes) and bytes, for a file its size,
+# CRC and name length (8 bytes each) and its ASCII name.
+
+
+cdef class TarSplitBatch:
+    """Entries a collector took, packed (no object per entry): what tarsplit_lines takes."""
+
+    cdef char *data  # owned: the collector's buffer, handed over as it was
+    cdef size_t size
+    cdef readonly Py_ssize_t count
+
+    def __cinit__(self):
+        self.data = NULL
+        self.size = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.data)
+
+    def __len__(self):
+        return self.count
+
+
+cdef inline uint64_t get_word(const char *data) noexcept nogil:
+    cdef uint64_t word
+    memcpy(&word, data, 8)
+    return word
+
+
+cdef int unpack(const char *data, size_t size, LineItem *entries, Py_ssize_t count,
+                size_t *bound) noexcept nogil:
+    """The LineItems of a packed batch (pointing into it); -1 if it does not hold count."""
+    cdef size_t offset = 0
+    cdef Py_ssize_t index
+    cdef LineItem *entry
+    bound[0] = 0
+    for index in range(count):
+        entry = &entries[index]
+        if offset + 9 > size:
+            return -1
+        entry.kind = data[offset]
+        if entry.kind == 1:
+            if offset + 25 > size:
+                return -1
+            entry.size = get_word(data + offset + 1)
+            entry.crc = get_word(data + offset + 9)
+            entry.length = get_word(data + offset + 17)
+            offset += 25
+        else:
+            entry.length = get_word(data + offset + 1)
+            offset += 9
+        if entry.length > size - offset:
+            return -1
+        entry.text = data + offset
+        offset += entry.length
+        bound[0] += line_bound(entry)
+    return 0 if offset == size else -1
+
+
+cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
+    cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(batch.count, 1) * sizeof(LineItem))
+    cdef LineBuffer out
+    cdef size_t bound = 0
+    cdef const char *data = batch.data
+    cdef size_t size = batch.size
+    cdef Py_ssize_t count = batch.count
+    cdef int rc
+    if entries == NULL:
+        raise MemoryError()
+    out.data = NULL
+    out.used = 0
+    try:
+        with nogil:
+            rc = unpack(data, size, entries, count, &bound)
+            if rc == 0:
+                out.data = <char *>PyMem_RawMalloc(max(bound, 1))
+                if out.data != NULL:
+                    write_lines(&out, entries, count, <uint64_t>position)
+        if rc < 0:
+            raise ValueError("a tar-split batch that does not hold its entries")
+        if out.data == NULL:
+            raise MemoryError()
+        return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
+    finally:
+        PyMem_RawFree(out.data)
+        PyMem_Free(entries)
+
+
+cdef inline void acquire(object data, Py_buffer *view) except *:
+    PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+
+
+cdef class TarSplitCollector:
+    """What a tar-split recorder keeps of an archive while a TarReader reads it (see
+    aufs/_fallback.py, the spec): the same entries, errors and `unusable`, with the work per
+    member in C. A member's data only feeds the CRC (without the GIL for big pieces); each
+    entry is packed into one buffer, which take() hands over as a TarSplitBatch: no object per
+    entry to make here, or to read and free (with the GIL) on the thread that formats them."""
+
+    cdef readonly Py_ssize_t max_entry_bytes, max_total_bytes, raw_bytes
+    cdef public object hash_update
+    cdef object reason  # why the archive cannot be replayed, once known
+    cdef Py_ssize_t reason_at  # the position of the entry that made it so
+    cdef readonly Py_ssize_t position  # of the first entry not taken yet
+    cdef Py_ssize_t count  # entries packed since the last take
+    cdef Py_ssize_t handed_raw
+    cdef char *packed  # handed over whole by take(), which starts a new one
+    cdef Py_ssize_t packed_size, packed_capacity, last_capacity
+    cdef char *pending  # the segment being gathered, when the reader hands it in pieces
+    cdef Py_ssize_t pending_size, pending_capacity
+    cdef object file_name  # None outside a member's data
+    cdef Py_ssize_t file_size
+    cdef uint64_t crc
+    cdef core.aufs_name_set names  # each member's name.strip("/").removeprefix("./")
+    # the names not added to it yet: fingerprint, position and name of each
+    cdef uint64_t *fingerprints
+    cdef Py_ssize_t *fingerprint_positions
+    cdef Py_ssize_t fingerprint_count
+    cdef list fingerprint_names
+
+    def __cinit__(self, *arguments, **keywords):
+        cdef bytes key = os.urandom(16)
+        self.packed = NULL
+        self.pending = NULL
+        self.fingerprints = <uint64_t *>PyMem_Malloc(NAMES_AT_ONCE * sizeof(uint64_t))
+        self.fingerprint_positions = <Py_ssize_t *>PyMem_Malloc(
+            NAMES_AT_ONCE * sizeof(Py_ssize_t))
+        if self.fingerprints == NULL or self.fingerprint_positions == NULL:
+            raise MemoryError()
+        self.fingerprint_names = []
+        memset(&self.names, 0, sizeof(self.names))
+        memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
+
+    def __init__(self, Py_ssize_t max_entry_bytes, Py_ssize_t max_total_bytes,
+                 hash_update=None):
+        self.max_entry_bytes = max_entry_bytes
+        self.max_total_bytes = max_total_bytes
+        self.hash_update = hash_update
+
+    def __dealloc__(self):
+        PyMem_Free(self.packed)
+        PyMem_Free(self.pending)
+        PyMem_Free(self.fingerprints)
+        PyMem_Free(self.fingerprint_positions)
+        core.aufs_name_set_free(&self.names)
+
+    @property
+    def unusable(self):
+        """Why the archive cannot be replayed (as the spec says it), or None."""
+        self.add_names()
+        return self.reason
+
+    cdef void make_unusable(self, str reason, Py_ssize_t at):
+        """The reason of the earliest entry wins, whatever order they are found in."""
+        if self.reason is None or at < self.reason_at:
+            self.reason = reason
+            self.reason_at = at
+
+    cdef int note_name(self, str name) except -1:
+        """The name's key goes into the set later, with others: see add_names."""
+        cdef int kind = PyUnicode_KIND(name)
+        cdef const char *data = <const char *>PyUnicode_DATA(name)
+        cdef Py_ssize_t start = 0, end = PyUnicode_GET_LENGTH(name)
+        while start < end and PyUnicode_READ(kind, data, start) == 47:  # "/"
+            start += 1
+        while end > start and PyUnicode_READ(kind, data, end - 1) == 47:
+            end -= 1
+        if (end - start >= 2 and PyUnicode_READ(kind, data, start) == 46  # "."
+                and PyUnicode_READ(kind, data, start + 1) == 47):
+            start += 2
+        self.fingerprints[self.fingerprint_count] = core.aufs_name_fingerprint(
+            &self.names, data + start * kind, (end - start) * kind)
+        self.fingerprint_positions[self.fingerprint_count] = self.position + self.count
+        self.fingerprint_names.append(name)
+        self.fingerprint_count += 1
+        if self.fingerprint_count == NAMES_AT_ONCE:
+            self.add_names()
+        return 0
+
+    cdef int add_names(self) except -1:
+        """Adds the noted names to the set, a run at a time (their cache misses overlap):
+        a name that was there makes the archive unusable."""
+        cdef ssize_t seen
+        if not self.fingerprint_count:
+            return 0
+        seen = core.aufs_name_set_add(&self.names, self.fingerprints, self.fingerprint_count)
+        if seen < -1:
+            raise MemoryError()
+        if seen >= 0:
+            name = self.fingerprint_names[seen]
+            self.make_unusable(f"{name!r} is in the archive twice",
+                               self.fingerprint_positions[seen])
+        self.fingerprint_count = 0
+        del self.fingerprint_names[:]
+        return 0
+
+    cdef int keep(self, Py_ssize_t size) except -1:
+        """The caps, checked before size more raw bytes are kept."""
+        if self.pending_size + size > self.max_entry_bytes:
+            raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
+                            "padding in one place (after entry "
+                            f"#{self.position + self.count}); refusing to record them")
+        self.raw_bytes += size
+        if self.raw_bytes > self.max_total_bytes:
+            raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
+                            "padding in the archive; refusing to record them")
+        return 0
+
+    cdef char *reserve(self, Py_ssize_t size) except NULL:
+        """Room for size more packed bytes; the caller fills them."""
+        cdef Py_ssize_t capacity = self.packed_capacity
+        cdef char *grown
+        if self.packed_size + size > capacity:
+            capacity = max(2 * capacity, self.packed_size + size, self.last_capacity, 1 << 16)
+            grown = <char *>PyMem_Realloc(self.packed, capacity)
+            if grown == NULL:
+                raise MemoryError()
+            self.packed = grown
+            self.packed_capacity = capacity
+        grown = self.packed + self.packed_size
+        self.packed_size += size
+        return grown
+
+    cdef int pack_bytes(self, char kind, const char *data, Py_ssize_t size) except -1:
+        """A segment (kind 2) or a line already built (kind 0)."""
+        cdef char *target = self.reserve(9 + size)
+        cdef uint64_t length = size
+        target[0] = kind
+        memcpy(target + 1, &length, 8)
+        memcpy(target + 9, data, size)
+        self.count += 1
+        return 0
+
+    cdef int pack_file(self) except -1:
+        cdef uint64_t words[3]
+        cdef char *target
+        cdef bytes line
+        if not PyUnicode_IS_ASCII(self.file_name):
+            line = _tarsplit_lines_spec([(self.file_name, self.file_size, self.crc)],
+                                        self.position + self.count)
+            return self.pack_bytes(0, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
+        words[0] = self.file_size
+        words[1] = self.crc
+        words[2] = PyUnicode_GET_LENGTH(self.file_name)
+        target = self.reserve(25 + words[2])
+        target[0] = 1
+        memcpy(target + 1, words, 24)
+        memcpy(target + 25, PyUnicode_DATA(self.file_name), words[2])
+        self.count += 1
+        return 0
+
+    cdef int append_pending(self, const char *data, Py_ssize_t size) except -1:
+        cdef Py_ssize_t capacity = self.pending_capacity
+        cdef char *grown
+        if self.pending_size + size > capacity:
+            capacity = max(2 * capacity, self.pending_size + size, 4096)
+            grown = <char *>PyMem_Realloc(self.pending, capacity)
+            if grown == NULL:
+                raise MemoryError()
+            self.pending = grown
+            self.pending_capacity = capacity
+        memcpy(self.pending + self.pending_size, data, size)
+        self.pending_size += size
+        return 0
+
+    cdef int consume_view(self, object piece, Py_buffer *view) except -1:
+        if self.hash_update is not None:
+            self.hash_update(piece)
+        if self.file_name is not None:
+            if view.len >= 1 << 18:
+                with nogil:
+                    self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
+                                                   view.len)
+            else:
+                self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
+                                               view.len)
+            return 0
+        self.keep(view.len)
+        return self.append_pending(<const char *>view.buf, view.len)
+
+    def consume(self, piece):
+        cdef Py_buffer view
+        acquire(piece, &view)
+        try:
+            self.consume_view(piece, &view)
+        finally:
+            PyBuffer_Release(&view)
+
+    def consume_trailing(self, piece):
+        cdef Py_buffer view
+        acquire(piece, &view)
+        try:
+            self.add_names()
+            if self.reason is None and (
+                    self.pending_size + view.len > self.max_entry_bytes
+                    or self.raw_bytes + view.len > self.max_total_bytes):
+                self.make_unusable(f"more than {self.max_entry_bytes} bytes after the end of "
+                                   "the archive", self.position + self.count)
+                self.pending_size = 0
+            if self.reason is not None:
+                if self.hash_update is not None:
+                    self.hash_update(piece)
+                return
+            self.consume_view(piece, &view)
+        finally:
+            PyBuffer_Release(&view)
+
+    def begin_file(self, str name, Py_ssize_t size, bint sparse, raw=b""):
+        cdef Py_buffer view
+        if self.file_name is not None:
+            self.end_file()
+        acquire(raw, &view)
+        try:
+            if view.len and not self.pending_size:  # the common case: headers, one copy
+                if self.hash_update is not None:
+                    self.hash_update(raw)
+                self.keep(view.len)
+                self.pack_bytes(2, <const char *>view.buf, view.len)
+            elif view.len or self.pending_size:
+                self.consume_view(raw, &view)
+                self.pack_bytes(2, self.pending, self.pending_size)
+                self.pending_size = 0
+        finally:
+            PyBuffer_Release(&view)
+        if sparse:
+            self.make_unusable(f"{name!r} is a sparse file", self.position + self.count)
+        self.note_name(name)
+        self.file_name = name
+        self.file_size = size
+        self.crc = 0
+
+    def end_file(self, data=b""):
+        cdef Py_buffer view
+        acquire(data, &view)
+        try:
+            if view.len:
+                self.consume_view(data, &view)
+        finally:
+            PyBuffer_Release(&view)
+        if self.file_name is None:
+            return
+        self.pack_file()
+        self.file_name = None
+        if (self.count >= TARSPLIT_BATCH_ITEMS
+                or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES):
+            self.batch_ready()
+
+    def end_segment(self):
+        self.end_file()
+        if self.pending_size:
+            self.pack_bytes(2, self.pending, self.pending_size)
+            self.pending_size = 0
+
+    def take(self):
+        cdef TarSplitBatch batch = TarSplitBatch.__new__(TarSplitBatch)
+        batch.data = self.packed
+        batch.size = self.packed_size
+        batch.count = self.count
+        taken = batch, self.position
+        self.position += self.count
+        self.count = 0
+        self.packed = NULL
+        self.packed_size = 0
+        self.last_capacity = max(self.last_capacity, self.packed_capacity)
+        self.packed_capacity = 0
+        self.handed_raw = self.raw_bytes
+        return taken
+
+    def batch_ready(self):
+        pass

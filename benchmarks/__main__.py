@@ -5,6 +5,7 @@
     python -m benchmarks mountdata        # mount-data builder, native vs fallback
     python -m benchmarks mount            # Driver.get+put vs raw mount(2) on deep chains
     python -m benchmarks layers           # apply_diff and diff vs GNU tar -x and tar -c
+    python -m benchmarks layers 9 record  # only the tar-split recording's cost (9 rounds)
     python -m benchmarks imports          # aufs import vs gzip|tar, umoci unpack
     python -m benchmarks pulls            # aufs pull vs skopeo copy + umoci unpack
     python -m benchmarks dockerload       # docker load via our plugin vs dockerd's overlay2

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aufs
@@ -48,7 +48,11 @@ def drain(stream: object) -> None:
 
 
 def main(arguments: list[str]) -> None:
+    """arguments: [REPEAT [record]]; `record` runs only the recording's cost (two tables)."""
     repeat = int(arguments[0]) if arguments else 9
+    if arguments[1:] not in ([], ["record"]):
+        raise SystemExit(f"layers: unknown part {' '.join(arguments[1:])!r}; try `record`")
+    only_recording = arguments[1:] == ["record"]
     with tmpfs_scratch("6g") as scratch:
         source, origin = root_filesystem(scratch)
         layer_tar = scratch / "layer.tar"
@@ -74,6 +78,10 @@ def main(arguments: list[str]) -> None:
             with open(layer_tar, "rb") as stream:
                 driver.apply_diff(layer, "", stream)
 
+        if only_recording:
+            _recording(driver, our_apply, layer_tar, repeat, scratch, counter)
+            driver.cleanup()
+            return
         gnu_x, ours_x = _alternating(gnu_extract, our_apply, repeat, scratch, driver)
         report("apply a layer (ratio to GNU tar -x)",
                [("tar -x (peer)", gnu_x, ""), ("Driver.apply_diff", ours_x, "goal <= 0.9")],
@@ -90,30 +98,7 @@ def main(arguments: list[str]) -> None:
         shutil.rmtree(target)
         _remove_store(scratch / "memory-store")
 
-        digest = hashlib.sha256()
-        with open(layer_tar, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-        diff_id = "sha256:" + digest.hexdigest()
-
-        def our_apply_recorded() -> None:  # as import and pull do: the caller hashes
-            layer = f"layer-{next(counter)}"
-            driver.create(layer)
-            with open(layer_tar, "rb") as stream:
-                driver.apply_diff(layer, "", stream, record=diff_id)
-
-        plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver)
-        report("apply a layer, recording its tar-split (ratio to apply without)",
-               [("Driver.apply_diff (peer)", plain, ""),
-                ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
-        # the same in CPU time of this process (every thread: unpacking, I/O, gzip), which a
-        # busy shared machine disturbs less than the wall clock
-        plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver,
-                                       clock=time.process_time)
-        report("apply a layer, recording its tar-split: CPU time of the process",
-               [("Driver.apply_diff (peer)", plain, ""),
-                ("apply_diff(record=diff_id)", recorded, "")], plain)
-
+        diff_id = _recording(driver, our_apply, layer_tar, repeat, scratch, counter)
         driver.create("recorded")
         with open(layer_tar, "rb") as stream:
             driver.apply_diff("recorded", "", stream, record=diff_id)
@@ -150,6 +135,36 @@ def main(arguments: list[str]) -> None:
                 ("Driver.diff, exact (check + replay)", replayed, ""),
                 ("  of which the check (walk + hash)", checked, "")], fresh)
         driver.cleanup()
+
+
+def _recording(driver: aufs.Driver, our_apply: Callable[[], None], layer_tar: Path,
+               repeat: int, scratch: Path, counter: Iterator[int]) -> str:
+    """The recording's cost: apply with and without record, in wall and CPU time; returns
+    the layer's diff_id."""
+    digest = hashlib.sha256()
+    with open(layer_tar, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    diff_id = "sha256:" + digest.hexdigest()
+
+    def our_apply_recorded() -> None:  # as import and pull do: the caller hashes
+        layer = f"layer-{next(counter)}"
+        driver.create(layer)
+        with open(layer_tar, "rb") as stream:
+            driver.apply_diff(layer, "", stream, record=diff_id)
+
+    plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver)
+    report("apply a layer, recording its tar-split (ratio to apply without)",
+           [("Driver.apply_diff (peer)", plain, ""),
+            ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
+    # the same in CPU time of this process (every thread: unpacking, I/O, gzip), which a
+    # busy shared machine disturbs less than the wall clock
+    plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver,
+                                   clock=time.process_time)
+    report("apply a layer, recording its tar-split: CPU time of the process",
+           [("Driver.apply_diff (peer)", plain, ""),
+            ("apply_diff(record=diff_id)", recorded, "")], plain)
+    return diff_id
 
 
 def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int,

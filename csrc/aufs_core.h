@@ -135,6 +135,26 @@ int aufs_tar_parse_header(const unsigned char *block, struct aufs_tar_header *he
 /* Go's crc64.Update with the ISO table: pass 0 first, then the previous result. */
 uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size);
 
+/* ---- nameset.c: tar-split's set of names seen ------------------------------------------------ */
+
+/* SipHash-1-3 of data under a 128-bit key. */
+uint64_t aufs_siphash13(const uint64_t key[2], const void *data, size_t size);
+
+/* Zeroed, with a random key, before the first add. */
+struct aufs_name_set {
+    uint64_t key[2];
+    uint64_t *slots; /* fingerprints; 0 is an empty slot */
+    size_t capacity; /* a power of two, or 0 */
+    size_t count;
+};
+
+/* The name's fingerprint under the set's key (never 0). */
+uint64_t aufs_name_fingerprint(const struct aufs_name_set *set, const void *name, size_t size);
+/* Adds the fingerprints in order: the index of the first that was there already (added
+ * before, or earlier in this call), -1 if none, or -ENOMEM (then none is added). */
+ssize_t aufs_name_set_add(struct aufs_name_set *set, const uint64_t *fingerprints, size_t count);
+void aufs_name_set_free(struct aufs_name_set *set);
+
 /* ---- dirsize.c: the directory-size walker --------------------------------------------------- */
 
 /*

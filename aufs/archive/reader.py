@@ -210,7 +210,8 @@ class TarReader:
             self._data_left = header.size
             self._padding_left = -header.size % BLOCK
             if recorder is not None:
-                recorder.begin_file(header, self._view[self._mark:self._start])
+                recorder.begin_file(header.name, header.size, header.sparse is not None,
+                                    self._view[self._mark:self._start])
                 self._mark = self._start
             if header.sparse == [] and "GNU.sparse.major" in pax:
                 self._read_sparse_map(header)

@@ -24,12 +24,11 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 from aufs import _implementation as native
-from aufs.archive.format import TarHeader
-from aufs.errors import AufsError, DiffError
+from aufs.errors import AufsError
 
 FILE_NAME = "tar-split.json.gz"
 FILE_ENTRY = 1
@@ -38,9 +37,6 @@ SEGMENT_ENTRY = 2
 # 1 MiB: format.MAX_EXTENDED_HEADER), and what a whole layer may take
 MAX_ENTRY_RAW = 4 << 20
 MAX_TOTAL_RAW = 256 << 20
-# what is handed to the compressing thread at a time: raw bytes of headers and padding, entries
-_BATCH = 256 << 10
-_BATCH_ITEMS = 2048
 _COPY = 1 << 20
 
 
@@ -157,10 +153,25 @@ def replay(entries: Iterable[Entry], files: FileSource,
 # ---- recording --------------------------------------------------------------------------------
 
 
-class TarSplitRecorder:
+def _new_gzip_compressor() -> Any:
+    """A gzip compressobj at its fastest level: ISA-L's (the optional `fast` extra) when it
+    is installed, about five times faster than zlib's level 1 on tar-split's lines and a
+    little smaller, else zlib's. Both let go of the GIL while they work."""
+    try:
+        from isal import isal_zlib  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip container
+    return isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+
+
+class TarSplitRecorder(native.TarSplitCollector):
     """Builds a tar-split file while a TarReader reads an archive: the reader hands it every
     byte it consumes (consume), and says where each member's data starts (begin_file) and
     ends (end_file). File data only feeds a CRC-64, never the record.
+
+    The collecting is the native core's (TarSplitCollector, once per member and in C, as the
+    recording's cost is what it adds to each member of an apply); this class hands what it
+    collects to a thread that builds the JSON lines and gzips them, mostly without the GIL.
 
     Raises DiffError when one member brings more than max_entry_bytes of headers and
     padding, or the archive more than max_total_bytes in all.
@@ -168,114 +179,25 @@ class TarSplitRecorder:
 
     def __init__(self, *, max_entry_bytes: int = MAX_ENTRY_RAW,
                  max_total_bytes: int = MAX_TOTAL_RAW, hash_stream: bool = False) -> None:
-        self.max_entry_bytes = max_entry_bytes
-        self.max_total_bytes = max_total_bytes
-        self.raw_bytes = 0  # kept so far, in all
-        self.unusable: str | None = None  # why this archive cannot be replayed, if so
-        self._pending = bytearray()
-        self._file: tuple[str, int] | None = None
-        self._crc = 0
-        self._names: set[str] = set()
-        # the entries not yet handed to the compressing thread: raw bytes for a segment,
-        # (name, size, crc) for a file; that thread formats their lines and gzips them (zlib
-        # lets go of the GIL), beside the unpacking, which only collects them
-        self._items: list[bytes | tuple[str, int, int]] = []
-        self._position = 0  # of the first of them
-        self._handed_raw = 0  # raw_bytes when the last batch was handed over
-        self._compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: a gzip container
+        self._hash = hashlib.sha256() if hash_stream else None
+        super().__init__(max_entry_bytes, max_total_bytes,
+                         None if self._hash is None else self._hash.update)
+        self._compressor = _new_gzip_compressor()
         self._compressed: list[bytes] = []
-        self._batches: queue.SimpleQueue[tuple[list[bytes | tuple[str, int, int]], int] | None]
+        self._batches: queue.SimpleQueue[tuple[Sequence[bytes | tuple[str, int, int]], int] | None]
         self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
-        self._hash = hashlib.sha256() if hash_stream else None
         self._finished: bytes | None = None
 
-    def consume(self, piece: bytes | memoryview) -> None:
-        if self._hash is not None:
-            self._hash.update(piece)
-        if self._file is not None:
-            self._crc = native.crc64_iso(self._crc, piece)
-            return
-        if len(self._pending) + len(piece) > self.max_entry_bytes:
-            raise DiffError(f"tar-split: more than {self.max_entry_bytes} bytes of headers and "
-                            "padding in one place (after entry "
-                            f"#{self._position + len(self._items)}); refusing to record them")
-        self.raw_bytes += len(piece)
-        if self.raw_bytes > self.max_total_bytes:
-            raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers and "
-                            "padding in the archive; refusing to record them")
-        self._pending += piece
-
-    def consume_trailing(self, piece: bytes | memoryview) -> None:
-        """Bytes after the end-of-archive blocks, which apply ignores. Past the caps they
-        make the archive unusable for replay (no record is kept), not an error: trailing
-        data is valid, and the layer's digest still covers it."""
-        if self.unusable is not None:
-            if self._hash is not None:
-                self._hash.update(piece)
-            return
-        if (len(self._pending) + len(piece) > self.max_entry_bytes
-                or self.raw_bytes + len(piece) > self.max_total_bytes):
-            self.unusable = (f"more than {self.max_entry_bytes} bytes after the end of the "
-                             "archive")
-            self._pending.clear()
-            if self._hash is not None:
-                self._hash.update(piece)
-            return
-        self.consume(piece)
-
-    def begin_file(self, header: TarHeader, raw: bytes | memoryview = b"") -> None:
-        """A member's data starts; raw: the last of the bytes before it, if not consumed."""
-        # this and end_file run once per member while a layer is applied, and their cost is
-        # the recording's cost: they only collect, the lines are built on the other thread
-        if self._file is not None:
-            self.end_file()
-        if self._pending or len(raw) > self.max_entry_bytes:
-            self.consume(raw)  # the checks, and what came before
-            self._items.append(bytes(self._pending))
-            self._pending.clear()
-        elif raw:
-            self.raw_bytes += len(raw)
-            if self.raw_bytes > self.max_total_bytes:
-                raise DiffError(f"tar-split: more than {self.max_total_bytes} bytes of headers "
-                                "and padding in the archive; refusing to record them")
-            if self._hash is not None:
-                self._hash.update(raw)
-            self._items.append(bytes(raw))
-        name = header.name
-        if header.sparse is not None and self.unusable is None:
-            self.unusable = f"{name!r} is a sparse file"
-        key = name.strip("/").removeprefix("./")
-        if key in self._names and self.unusable is None:
-            self.unusable = f"{name!r} is in the archive twice"
-        self._names.add(key)
-        self._file = (name, header.size)
-        self._crc = 0
-
-    def end_file(self, data: bytes | memoryview = b"") -> None:
-        """A member's data ends; data: the last of it, if not consumed."""
-        if self._file is None:
-            if data:
-                self.consume(data)
-            return
-        if data:
-            if self._hash is not None:
-                self._hash.update(data)
-            self._crc = native.crc64_iso(self._crc, data)
-        self._items.append((*self._file, self._crc))
-        self._file = None
-        if len(self._items) >= _BATCH_ITEMS or self.raw_bytes - self._handed_raw >= _BATCH:
-            self._compress()
+    def batch_ready(self) -> None:
+        self._compress()
 
     def _compress(self) -> None:
         if self._compressing is None:
             self._compressing = threading.Thread(target=self._compress_batches,
                                                  name="aufs-tar-split", daemon=True)
             self._compressing.start()
-        self._batches.put((self._items, self._position))
-        self._position += len(self._items)
-        self._items = []
-        self._handed_raw = self.raw_bytes
+        self._batches.put(self.take())
 
     def _compress_batches(self) -> None:
         while (batch := self._batches.get()) is not None:
@@ -291,10 +213,7 @@ class TarSplitRecorder:
     def finish(self) -> bytes:
         """The tar-split file's content (gzip); call once the archive is read to its end."""
         if self._finished is None:
-            self.end_file()
-            if self._pending:
-                self._items.append(bytes(self._pending))
-                self._pending.clear()
+            self.end_segment()
             self._compress()
             self.close()
             self._compressed.append(self._compressor.flush())
