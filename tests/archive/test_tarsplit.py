@@ -7,6 +7,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +29,7 @@ from aufs.archive.tarsplit import (
 )
 from aufs.errors import DiffError
 from aufs.store.diffs import FileGetter
+from conftest import NATIVE
 from tarbuild import archive, directory, member
 
 
@@ -55,6 +59,28 @@ def test_crc64_iso_every_length_and_split(impl: ModuleType) -> None:
         assert impl.crc64_iso(start, data[:size]) == expected, size
         cut = size // 3
         assert impl.crc64_iso(impl.crc64_iso(start, data[:cut]), data[cut:size]) == expected
+
+@pytest.mark.parametrize("path", ["pclmul", "table"])
+def test_crc64_iso_on_each_native_path(path: str) -> None:
+    """The native CRC-64 takes the widest path the CPU has (AVX-512, else PCLMULQDQ, else
+    tables); AUFS_CRC64_PATH caps it, so every path is checked against the spec here."""
+    if NATIVE is None:
+        pytest.skip("the native extension was not built (AUFS_NO_EXTENSIONS=1 at build time)")
+    script = """
+import sys
+from aufs import _fallback, _native
+data = bytes((index * 167 + 13) % 251 for index in range(5000))
+for size in [*range(0, 130), 255, 256, 511, 512, 513, 767, 1024, 1500, 4999, 5000]:
+    for cut in (0, size // 3, size):
+        ours = _native.crc64_iso(_native.crc64_iso(7, data[:cut]), data[cut:size])
+        spec = _fallback.crc64_iso(_fallback.crc64_iso(7, data[:cut]), data[cut:size])
+        assert ours == spec, (size, cut)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "AUFS_CRC64_PATH": path})
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
 
 def sample_archive() -> bytes:
     return archive([
