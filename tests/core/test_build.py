@@ -47,7 +47,9 @@ def test_environment_switch_in_a_fresh_interpreter() -> None:
 def test_sdist_carries_the_sources(tmp_path: Path) -> None:
     environment = dict(os.environ, AUFS_NO_EXTENSIONS="1")
     subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        # the egg-info beside the sdist, not in the checkout another test run may share
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
+         "-d", str(tmp_path)],
         cwd=REPO, env=environment, check=True, capture_output=True,
     )
     (archive,) = tmp_path.glob("aufs-*.tar.gz")
