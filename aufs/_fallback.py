@@ -174,6 +174,57 @@ def mount(
         raise _os_error(_last_errno(), target)
 
 
+
+MNT_DETACH = 0x2
+
+
+def single_threaded() -> bool:
+    """Whether the caller is the process's only thread: /proc/self/task holds ".", ".." and
+    one entry per thread, so its link count is 2 + threads. False when /proc cannot tell."""
+    try:
+        return os.stat("/proc/self/task").st_nlink == 3
+    except OSError:
+        return False
+
+
+def mount_from(
+    directory: PathArg,
+    source: PathArg | None,
+    target: PathArg,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = "",
+) -> bool:
+    """mount(2) with the relative paths in data (and target, if relative) resolved from
+    directory, by moving the process's working directory there and back, as Docker's
+    overlay2 does in a child. Threads share a working directory, so this runs only while the
+    caller is the process's only thread; returns False, having done nothing, when it is not
+    (run the mount on a thread of its own cwd then). A failed return to the previous
+    directory undoes the mount. (The native twin does the three steps in one C call; here a
+    Python signal handler could run in between and see the moved directory.)"""
+    if not single_threaded():
+        return False
+    try:
+        previous = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.chdir(directory)
+        try:
+            mount(source, target, fstype, flags, data)
+        except BaseException:
+            os.fchdir(previous)
+            raise
+        try:
+            os.fchdir(previous)
+        except OSError as error:
+            unmount(target, MNT_DETACH)  # still resolved from directory
+            raise OSError(error.errno, f"{os.strerror(error.errno or 0)}: cannot return to "
+                          "the working directory", ".") from None
+    finally:
+        os.close(previous)
+    return True
+
 CLONE_FS = 0x200
 _libc.unshare.argtypes = [ctypes.c_int]
 

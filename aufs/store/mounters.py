@@ -105,8 +105,11 @@ class SyscallMounter:
 
     def mount_from(self, directory: str, source: str | None, target: str, fstype: str | None,
                    flags: int, data: str | None) -> None:
-        """mount(2) with the relative paths in data resolved from directory."""
-        _MOUNT_FROM.mount(directory, source, target, fstype, flags, data)
+        """mount(2) with the relative paths in data resolved from directory: in this thread
+        while it is the process's only one (its cwd moves there and back, as Docker's
+        mounting child does), else on the thread of its own cwd (a hand-over each way)."""
+        if not native.mount_from(directory, source, target, fstype, flags, data):
+            _MOUNT_FROM.mount(directory, source, target, fstype, flags, data)
 
     def fsmount(self, fstype: str, target: str,
                 options: Sequence[tuple[str, str | None]], source: str | None) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -146,3 +151,79 @@ def test_fsmount_error_carries_kernel_message(impl: ModuleType, tmp_path: Path) 
     assert caught.value.errno == errno.EINVAL
     assert "no-such-option" in str(caught.value)
     assert caught.value.filename == tmp_path
+
+
+# mount_from in a fresh interpreter, which has one thread: pytest's may have started more.
+_SINGLE_THREADED_MOUNT_FROM = """
+import json, os, sys
+from aufs import _fallback
+impl = _fallback if sys.argv[1] == "fallback" else __import__("aufs._native").__dict__["_native"]
+home, target, data, cwd = sys.argv[2:6]
+os.chdir(cwd)
+try:
+    done = impl.mount_from(home, "overlay", target, "overlay", 0, data)
+    outcome = {"done": done}
+except OSError as error:
+    outcome = {"errno": error.errno, "filename": error.filename}
+outcome["cwd"] = os.getcwd()
+print(json.dumps(outcome))
+"""
+
+
+def mount_from_alone(impl: ModuleType, home: Path, target: Path, data: str,
+                     cwd: Path) -> dict[str, Any]:
+    found = subprocess.run(
+        [sys.executable, "-c", _SINGLE_THREADED_MOUNT_FROM, impl.IMPLEMENTATION, str(home),
+         str(target), data, str(cwd)], capture_output=True, text=True, check=True)
+    return dict(json.loads(found.stdout))
+
+
+@pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
+def test_mount_from_resolves_relative_lowers_and_leaves_the_cwd(impl: ModuleType,
+                                                                tmp_path: Path) -> None:
+    home, elsewhere, merged = tmp_path / "home", tmp_path / "elsewhere", tmp_path / "merged"
+    for directory in (home / "l" / "a", home / "l" / "b", home / "upper", home / "work",
+                      elsewhere, merged):
+        directory.mkdir(parents=True)
+    (home / "l" / "a" / "top").write_text("a")
+    (home / "l" / "b" / "bottom").write_text("b")
+    data = "lowerdir=l/a:l/b,upperdir=upper,workdir=work"
+    outcome = mount_from_alone(impl, home, merged, data, elsewhere)
+    try:
+        assert outcome == {"done": True, "cwd": str(elsewhere)}
+        assert impl.is_mountpoint(merged)
+        assert sorted(os.listdir(merged)) == ["bottom", "top"]
+    finally:
+        if impl.is_mountpoint(merged):
+            impl.unmount(merged)
+
+
+@pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
+def test_mount_from_failures_name_the_step_and_leave_the_cwd(impl: ModuleType,
+                                                             tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    missing_home = mount_from_alone(impl, tmp_path / "gone", merged, "lowerdir=x", tmp_path)
+    assert missing_home == {"errno": errno.ENOENT, "filename": str(tmp_path / "gone"),
+                            "cwd": str(tmp_path)}
+    missing_lower = mount_from_alone(impl, tmp_path, merged, "lowerdir=no/such:dir", tmp_path)
+    assert missing_lower == {"errno": errno.ENOENT, "filename": str(merged),
+                             "cwd": str(tmp_path)}
+    assert not impl.is_mountpoint(merged)
+
+
+def test_mount_from_does_nothing_while_other_threads_share_the_cwd(impl: ModuleType,
+                                                                   tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        before = os.getcwd()
+        assert impl.mount_from(tmp_path, "tmpfs", merged, "tmpfs", 0, "size=1m") is False
+        assert os.getcwd() == before
+        assert not impl.is_mountpoint(merged)
+    finally:
+        release.set()
+        other.join()

@@ -5,6 +5,7 @@ lazily, removed with their layer, checked and repaired by fsck."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,34 @@ def test_real_mount_over_links_leaves_the_callers_cwd_alone(scratch: Path) -> No
         assert Path(path, "file0").read_text() == "0"
     driver.cleanup()
 
+
+
+def test_real_mount_over_links_with_other_threads_running(scratch: Path) -> None:
+    """Another thread shares the working directory: the mount goes through the thread of
+    its own cwd, and neither thread sees the cwd move."""
+    driver = aufs.Driver(scratch / "root", backend="overlay")
+    layers = chain(driver, 100, width=64)
+    before = os.getcwd()
+    seen: list[str] = []
+    release = threading.Event()
+
+    def watch() -> None:
+        while not release.is_set():
+            seen.append(os.getcwd())
+            release.wait(0.0005)
+
+    other = threading.Thread(target=watch)
+    other.start()
+    try:
+        for _ in range(3):
+            with driver.mounted(layers[-1]) as path:
+                assert os.getcwd() == before
+                assert Path(path, "file0").read_text() == "0"
+    finally:
+        release.set()
+        other.join()
+    assert set(seen) == {before}
+    driver.cleanup()
 
 def test_a_link_removed_under_the_cache_is_made_again(scratch: Path) -> None:
     driver = aufs.Driver(scratch / "root", backend="overlay")
