@@ -24,7 +24,10 @@ cdef extern from "aufs_core.h" nogil:
                    unsigned long flags, const char *data)
     int aufs_unmount(const char *target, int flags)
     enum:
-        AUFS_MOUNT_FROM_SHARED
+        AUFS_MOUNT_FROM_CHDIR
+        AUFS_MOUNT_FROM_MOUNT
+        AUFS_MOUNT_FROM_RETURN
+        AUFS_MOUNT_FROM_UNSHARE
     int aufs_mount_from(const char *directory, const char *source, const char *target,
                         const char *fstype, unsigned long flags, const char *data, int *failed)
     int aufs_fs_magic(const char *path, uint32_t *magic)

@@ -54,22 +54,6 @@ int aufs_fs_magic(const char *path, uint32_t *magic);
  * final symlink. */
 int aufs_is_mountpoint(const char *path);
 
-/*
- * mount(2) with the relative paths in `data` (and `target`, if relative) resolved from
- * `directory`, as Docker's overlay2 mounts its short links: the process moves its working
- * directory there and back around the call. Working directories are shared by the threads of
- * a process, so this is done only while the caller is the process's only thread (checked
- * through /proc/self/task, whose link count is 2 + threads); then nothing can see the move.
- * Returns 0 when mounted; AUFS_MOUNT_FROM_SHARED, having done nothing, when other threads
- * exist (or /proc cannot tell, or "." cannot be opened): run it on a thread of its own cwd
- * instead; -errno on failure, with `*failed` naming the step: 0 chdir(directory), 1 mount,
- * 2 the return to the previous directory (the mount is undone then). Not reentrant: callers
- * serialise (the GIL). The check keeps a /proc fd open, reopened in a forked child.
- */
-#define AUFS_MOUNT_FROM_SHARED 1
-int aufs_mount_from(const char *directory, const char *source, const char *target,
-                    const char *fstype, unsigned long flags, const char *data, int *failed);
-
 /* One fsconfig(2) step of a mount built with the new mount API. A NULL value sets a flag. */
 struct aufs_fs_param {
     const char *key;
@@ -92,6 +76,24 @@ int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
 /* renameat2(2); RENAME_EXCHANGE (2) swaps two paths atomically. */
 int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const char *new_path,
                    unsigned int flags);
+
+/* ---- mountfrom.c: mount(2) with relative paths, resolved from a directory ---------------- */
+
+/*
+ * mount(2) with the relative paths in `data` (and `target`, if relative) resolved from
+ * `directory`, as Docker's overlay2 mounts its short links. While the caller is the process's
+ * only thread (by /proc/self/task's link count), its working directory moves there and back
+ * around the call; else the call runs on a worker thread whose working directory is its own
+ * (unshare CLONE_FS), started on first use and again in a forked child. Serialised within the
+ * process; may be called without the GIL. 0 once mounted; -errno on failure, with `*failed`
+ * naming the step (the mount is undone when the way back fails).
+ */
+#define AUFS_MOUNT_FROM_CHDIR 0
+#define AUFS_MOUNT_FROM_MOUNT 1
+#define AUFS_MOUNT_FROM_RETURN 2
+#define AUFS_MOUNT_FROM_UNSHARE 3 /* no thread can have a working directory of its own */
+int aufs_mount_from(const char *directory, const char *source, const char *target,
+                    const char *fstype, unsigned long flags, const char *data, int *failed);
 
 /* ---- ioqueue.c: ordered file I/O on a background thread ---------------------------------- */
 

@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
@@ -46,67 +45,6 @@ int aufs_mount(const char *source, const char *target, const char *fstype, unsig
                const char *data)
 {
     return mount(source, target, fstype, flags, data) == 0 ? 0 : -errno;
-}
-
-/* /proc/self/task of this process, opened once (O_PATH); a forked child opens its own. */
-static int task_fd = -1;
-static pid_t task_pid;
-static int atfork_registered;
-
-static void forget_task_fd_in_child(void)
-{
-    if (task_fd >= 0)
-        close(task_fd); /* the parent's, inherited: nothing in the child has run yet */
-    task_fd = -1;
-}
-
-/* 1 when the caller is the process's only thread, 0 when not, -errno when /proc cannot say. */
-static int single_threaded(void)
-{
-    struct stat info;
-    pid_t pid = getpid();
-    if (task_fd >= 0 && task_pid != pid)
-        task_fd = -1; /* forked without the atfork handler (a raw clone): keep its fd alone */
-    if (task_fd < 0) {
-        if (!atfork_registered && pthread_atfork(NULL, NULL, forget_task_fd_in_child) == 0)
-            atfork_registered = 1;
-        task_fd = open("/proc/self/task", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (task_fd < 0)
-            return -errno;
-        task_pid = pid;
-    }
-    if (fstat(task_fd, &info) != 0)
-        return -errno;
-    return info.st_nlink == 3; /* ".", ".." and the one thread's entry */
-}
-
-int aufs_mount_from(const char *directory, const char *source, const char *target,
-                    const char *fstype, unsigned long flags, const char *data, int *failed)
-{
-    int previous, error = 0;
-    if (single_threaded() != 1)
-        return AUFS_MOUNT_FROM_SHARED;
-    previous = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (previous < 0)
-        return AUFS_MOUNT_FROM_SHARED;
-    if (chdir(directory) != 0) {
-        error = errno;
-        *failed = 0;
-    } else {
-        if (mount(source, target, fstype, flags, data) != 0) {
-            error = errno;
-            *failed = 1;
-        }
-        if (fchdir(previous) != 0) {
-            int returning = errno;
-            if (error == 0)
-                umount2(target, MNT_DETACH); /* still resolved from `directory` */
-            error = returning;
-            *failed = 2;
-        }
-    }
-    close(previous);
-    return -error;
 }
 
 int aufs_unmount(const char *target, int flags)

@@ -153,34 +153,45 @@ def test_fsmount_error_carries_kernel_message(impl: ModuleType, tmp_path: Path) 
     assert caught.value.filename == tmp_path
 
 
-# mount_from in a fresh interpreter, which has one thread: pytest's may have started more.
-_SINGLE_THREADED_MOUNT_FROM = """
-import json, os, sys
+
+# mount_from alone in a fresh interpreter (one thread: pytest may have started more), or with
+# a second thread alive, which shares the working directory
+_MOUNT_FROM = """
+import json, os, sys, threading
 from aufs import _fallback
 impl = _fallback if sys.argv[1] == "fallback" else __import__("aufs._native").__dict__["_native"]
-home, target, data, cwd = sys.argv[2:6]
+home, target, data, cwd, threads = sys.argv[2:7]
 os.chdir(cwd)
+release = threading.Event()
+others = [threading.Thread(target=release.wait) for _ in range(int(threads))]
+for other in others:
+    other.start()
+outcome = {"threads": os.stat("/proc/self/task").st_nlink - 2}
 try:
-    done = impl.mount_from(home, "overlay", target, "overlay", 0, data)
-    outcome = {"done": done}
+    outcome["refused"] = impl.mount_from(home, "overlay", target, "overlay", 0, data)
 except OSError as error:
-    outcome = {"errno": error.errno, "filename": error.filename}
+    outcome.update(errno=error.errno, filename=error.filename)
 outcome["cwd"] = os.getcwd()
+release.set()
 print(json.dumps(outcome))
 """
 
 
-def mount_from_alone(impl: ModuleType, home: Path, target: Path, data: str,
-                     cwd: Path) -> dict[str, Any]:
+def mount_from_in_child(impl: ModuleType, home: Path, target: Path, data: str, cwd: Path,
+                        threads: int) -> dict[str, Any]:
+    """What mount_from did in a fresh interpreter with `threads` more threads alive."""
     found = subprocess.run(
-        [sys.executable, "-c", _SINGLE_THREADED_MOUNT_FROM, impl.IMPLEMENTATION, str(home),
-         str(target), data, str(cwd)], capture_output=True, text=True, check=True)
-    return dict(json.loads(found.stdout))
+        [sys.executable, "-c", _MOUNT_FROM, impl.IMPLEMENTATION, str(home), str(target), data,
+         str(cwd), str(threads)], capture_output=True, text=True, check=True)
+    outcome = dict(json.loads(found.stdout))
+    assert outcome.pop("threads") == 1 + threads
+    return outcome
 
 
 @pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
-def test_mount_from_resolves_relative_lowers_and_leaves_the_cwd(impl: ModuleType,
-                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 1], ids=["alone", "beside-a-thread"])
+def test_mount_from_resolves_relative_lowers_and_leaves_the_cwd(
+        impl: ModuleType, tmp_path: Path, threads: int) -> None:
     home, elsewhere, merged = tmp_path / "home", tmp_path / "elsewhere", tmp_path / "merged"
     for directory in (home / "l" / "a", home / "l" / "b", home / "upper", home / "work",
                       elsewhere, merged):
@@ -188,9 +199,9 @@ def test_mount_from_resolves_relative_lowers_and_leaves_the_cwd(impl: ModuleType
     (home / "l" / "a" / "top").write_text("a")
     (home / "l" / "b" / "bottom").write_text("b")
     data = "lowerdir=l/a:l/b,upperdir=upper,workdir=work"
-    outcome = mount_from_alone(impl, home, merged, data, elsewhere)
+    outcome = mount_from_in_child(impl, home, merged, data, elsewhere, threads)
     try:
-        assert outcome == {"done": True, "cwd": str(elsewhere)}
+        assert outcome == {"refused": 0, "cwd": str(elsewhere)}
         assert impl.is_mountpoint(merged)
         assert sorted(os.listdir(merged)) == ["bottom", "top"]
     finally:
@@ -199,31 +210,43 @@ def test_mount_from_resolves_relative_lowers_and_leaves_the_cwd(impl: ModuleType
 
 
 @pytest.mark.skipif(not kernel_has_filesystem("overlay"), reason="kernel has no overlayfs")
-def test_mount_from_failures_name_the_step_and_leave_the_cwd(impl: ModuleType,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [0, 1], ids=["alone", "beside-a-thread"])
+def test_mount_from_failures_name_the_step_and_leave_the_cwd(
+        impl: ModuleType, tmp_path: Path, threads: int) -> None:
     merged = tmp_path / "merged"
     merged.mkdir()
-    missing_home = mount_from_alone(impl, tmp_path / "gone", merged, "lowerdir=x", tmp_path)
+    missing_home = mount_from_in_child(impl, tmp_path / "gone", merged, "lowerdir=x", tmp_path,
+                                       threads)
     assert missing_home == {"errno": errno.ENOENT, "filename": str(tmp_path / "gone"),
                             "cwd": str(tmp_path)}
-    missing_lower = mount_from_alone(impl, tmp_path, merged, "lowerdir=no/such:dir", tmp_path)
+    missing_lower = mount_from_in_child(impl, tmp_path, merged, "lowerdir=no/such:dir",
+                                        tmp_path, threads)
     assert missing_lower == {"errno": errno.ENOENT, "filename": str(merged),
                              "cwd": str(tmp_path)}
     assert not impl.is_mountpoint(merged)
 
 
-def test_mount_from_does_nothing_while_other_threads_share_the_cwd(impl: ModuleType,
-                                                                   tmp_path: Path) -> None:
-    merged = tmp_path / "merged"
-    merged.mkdir()
+def test_mount_from_beside_other_threads_never_moves_their_cwd(impl: ModuleType,
+                                                               tmp_path: Path) -> None:
+    """A thread that reads the working directory all along never sees it move."""
+    before = os.getcwd()
+    seen: set[str] = set()
     release = threading.Event()
-    other = threading.Thread(target=release.wait)
+
+    def watch() -> None:
+        while not release.is_set():
+            seen.add(os.getcwd())
+
+    other = threading.Thread(target=watch)
     other.start()
     try:
-        before = os.getcwd()
-        assert impl.mount_from(tmp_path, "tmpfs", merged, "tmpfs", 0, "size=1m") is False
-        assert os.getcwd() == before
-        assert not impl.is_mountpoint(merged)
+        for index in range(20):
+            target = tmp_path / f"mnt{index}"
+            target.mkdir()
+            assert impl.mount_from(tmp_path, "tmpfs", target.name, "tmpfs", 0, "size=1m") == 0
+            assert impl.is_mountpoint(target)  # the relative target was resolved from tmp_path
+            impl.unmount(target)
     finally:
         release.set()
         other.join()
+    assert seen == {before} and os.getcwd() == before
