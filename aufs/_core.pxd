@@ -28,6 +28,7 @@ cdef extern from "aufs_core.h" nogil:
         AUFS_MOUNT_FROM_MOUNT
         AUFS_MOUNT_FROM_RETURN
         AUFS_MOUNT_FROM_UNSHARE
+        AUFS_MOUNT_FROM_THREAD
     int aufs_mount_from(const char *directory, const char *source, const char *target,
                         const char *fstype, unsigned long flags, const char *data, int *failed)
     int aufs_fs_magic(const char *path, uint32_t *magic)

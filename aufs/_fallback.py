@@ -220,7 +220,12 @@ class _CwdThread:
               fstype: str | bytes | None, flags: int, data: str | bytes | None) -> int:
         with self._lock:
             if self._status is None:
-                threading.Thread(target=self._serve, name="aufs-mount-from", daemon=True).start()
+                try:
+                    threading.Thread(target=self._serve, name="aufs-mount-from",
+                                     daemon=True).start()
+                except RuntimeError:  # worth another try later, as the native twin
+                    raise _os_error(errno.EAGAIN, target, "cannot start the thread that mounts "
+                                    "from a directory") from None
                 refused = self._replies.get()
                 self._status = 0 if refused is None else refused.errno or errno.EPERM
             if self._status:
@@ -289,8 +294,8 @@ def mount_from(
             os.fchdir(previous)
         except OSError as error:
             unmount(target, MNT_DETACH)  # still resolved from directory
-            raise OSError(error.errno, f"{os.strerror(error.errno or 0)}: cannot return to "
-                          "the working directory", ".") from None
+            raise _os_error(error.errno, ".", "cannot return to the working directory"
+                            ) from None
     finally:
         os.close(previous)
     return 0

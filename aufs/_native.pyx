@@ -187,6 +187,8 @@ def mount_from(directory, source, target, fstype, flags=0, data=""):
         return -rc
     if failed == core.AUFS_MOUNT_FROM_CHDIR:
         raise _os_error(-rc, directory)
+    if failed == core.AUFS_MOUNT_FROM_THREAD:
+        raise _os_error(-rc, target, "cannot start the thread that mounts from a directory")
     if failed == core.AUFS_MOUNT_FROM_RETURN:
         raise _os_error(-rc, ".", "cannot return to the working directory")
     raise _os_error(-rc, target)

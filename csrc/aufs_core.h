@@ -92,6 +92,7 @@ int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const cha
 #define AUFS_MOUNT_FROM_MOUNT 1
 #define AUFS_MOUNT_FROM_RETURN 2
 #define AUFS_MOUNT_FROM_UNSHARE 3 /* no thread can have a working directory of its own */
+#define AUFS_MOUNT_FROM_THREAD 4  /* the worker thread did not start */
 int aufs_mount_from(const char *directory, const char *source, const char *target,
                     const char *fstype, unsigned long flags, const char *data, int *failed);
 

@@ -121,19 +121,24 @@ static void *worker_main(void *unused)
     }
 }
 
-/* Starts the worker in this process if need be; 0, or -errno when it cannot have a working
- * directory of its own. */
-static int ensure_worker(pid_t pid)
+/* Starts the worker in this process if need be: 0; -errno with *failed set to
+ * AUFS_MOUNT_FROM_THREAD when no thread can start (worth another try later), or to
+ * AUFS_MOUNT_FROM_UNSHARE when it cannot have a working directory of its own (for good). */
+static int ensure_worker(pid_t pid, int *failed)
 {
     pthread_t thread;
     pthread_attr_t attributes;
     int error;
+    *failed = AUFS_MOUNT_FROM_UNSHARE;
     if (worker_pid == pid && worker_status != 0)
         return worker_status < 0 ? worker_status : 0;
     worker_pid = pid;
     worker_status = 0;
-    if (pthread_attr_init(&attributes) != 0)
+    *failed = AUFS_MOUNT_FROM_THREAD;
+    if (pthread_attr_init(&attributes) != 0) {
+        worker_pid = 0;
         return -ENOMEM;
+    }
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
     error = pthread_create(&thread, &attributes, worker_main, NULL);
     pthread_attr_destroy(&attributes);
@@ -145,6 +150,7 @@ static int ensure_worker(pid_t pid)
     while (worker_status == 0)
         pthread_cond_wait(&slot_changed, &slot_lock);
     pthread_mutex_unlock(&slot_lock);
+    *failed = AUFS_MOUNT_FROM_UNSHARE;
     return worker_status < 0 ? worker_status : 0;
 }
 
@@ -168,10 +174,9 @@ int aufs_mount_from(const char *directory, const char *source, const char *targe
             return job.result;
         }
     }
-    error = ensure_worker(pid);
+    error = ensure_worker(pid, failed);
     if (error != 0) {
         pthread_mutex_unlock(&calls);
-        *failed = AUFS_MOUNT_FROM_UNSHARE;
         return error;
     }
     pthread_mutex_lock(&slot_lock);
