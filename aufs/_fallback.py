@@ -300,6 +300,7 @@ def mount_from(
         os.close(previous)
     return 0
 
+
 def unmount(target: PathArg, flags: int = 0) -> None:
     """umount2(2) with the given MNT_* flags."""
     if _libc.umount2(_encode(target, "unmount target"), flags) != 0:

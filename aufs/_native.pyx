@@ -159,7 +159,6 @@ def mount(source, target, fstype, flags=0, data=""):
         raise _os_error(-rc, target)
 
 
-
 def mount_from(directory, source, target, fstype, flags=0, data=""):
     """mount(2) with the relative paths in data resolved from directory: in place while the
     caller is the process's only thread, else on a thread whose working directory is its
@@ -192,6 +191,7 @@ def mount_from(directory, source, target, fstype, flags=0, data=""):
     if failed == core.AUFS_MOUNT_FROM_RETURN:
         raise _os_error(-rc, ".", "cannot return to the working directory")
     raise _os_error(-rc, target)
+
 
 def unmount(target, flags=0):
     """umount2(2) with the given MNT_* flags."""
