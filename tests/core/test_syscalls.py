@@ -250,3 +250,33 @@ def test_mount_from_beside_other_threads_never_moves_their_cwd(impl: ModuleType,
         release.set()
         other.join()
     assert seen == {before} and os.getcwd() == before
+
+
+def test_mount_from_serves_many_threads_at_once(impl: ModuleType, tmp_path: Path) -> None:
+    """Eight threads mount at the same time, each from its own directory: every mount lands
+    where its own directory says."""
+    homes = [tmp_path / f"home{index}" for index in range(8)]
+    errors: list[BaseException] = []
+
+    def mount_some(home: Path) -> None:
+        try:
+            for round_number in range(10):
+                (home / f"mnt{round_number}").mkdir(parents=True)
+                impl.mount_from(home, "tmpfs", f"mnt{round_number}", "tmpfs", 0, "size=1m")
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=mount_some, args=(home,)) for home in homes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        for home in homes:
+            assert all(impl.is_mountpoint(home / f"mnt{index}") for index in range(10))
+    finally:
+        for home in homes:
+            for index in range(10):
+                if impl.is_mountpoint(home / f"mnt{index}"):
+                    impl.unmount(home / f"mnt{index}")
