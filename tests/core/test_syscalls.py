@@ -280,3 +280,39 @@ def test_mount_from_serves_many_threads_at_once(impl: ModuleType, tmp_path: Path
             for index in range(10):
                 if impl.is_mountpoint(home / f"mnt{index}"):
                     impl.unmount(home / f"mnt{index}")
+
+
+_FORKED_MOUNT_FROM = """
+import os, sys, threading
+from aufs import _fallback
+impl = _fallback if sys.argv[1] == "fallback" else __import__("aufs._native").__dict__["_native"]
+home = sys.argv[2]
+release = threading.Event()
+threading.Thread(target=release.wait, daemon=True).start()  # the worker serves the parent
+assert impl.mount_from(home, "tmpfs", "parent", "tmpfs", 0, "size=1m") == 0
+pid = os.fork()
+if pid == 0:  # one thread here, then two: in place, then on a worker of the child's own
+    code = impl.mount_from(home, "tmpfs", "alone", "tmpfs", 0, "size=1m")
+    threading.Thread(target=release.wait, daemon=True).start()
+    code += impl.mount_from(home, "tmpfs", "beside", "tmpfs", 0, "size=1m")
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_mounts_from_a_directory_of_its_own_accord(impl: ModuleType,
+                                                                  tmp_path: Path) -> None:
+    """The parent's worker thread does not cross fork: the child must not wait for it."""
+    for name in ("parent", "alone", "beside"):
+        (tmp_path / name).mkdir()
+    try:
+        found = subprocess.run([sys.executable, "-c", _FORKED_MOUNT_FROM, impl.IMPLEMENTATION,
+                                str(tmp_path)], capture_output=True, text=True, check=True,
+                               timeout=60)
+        assert found.stdout.strip() == "0"
+        assert all(impl.is_mountpoint(tmp_path / name) for name in ("parent", "alone", "beside"))
+    finally:
+        for name in ("parent", "alone", "beside"):
+            if impl.is_mountpoint(tmp_path / name):
+                impl.unmount(tmp_path / name)
