@@ -23,6 +23,14 @@ cdef extern from "aufs_core.h" nogil:
     int aufs_mount(const char *source, const char *target, const char *fstype,
                    unsigned long flags, const char *data)
     int aufs_unmount(const char *target, int flags)
+    enum:
+        AUFS_MOUNT_FROM_CHDIR
+        AUFS_MOUNT_FROM_MOUNT
+        AUFS_MOUNT_FROM_RETURN
+        AUFS_MOUNT_FROM_UNSHARE
+        AUFS_MOUNT_FROM_THREAD
+    int aufs_mount_from(const char *directory, const char *source, const char *target,
+                        const char *fstype, unsigned long flags, const char *data, int *failed)
     int aufs_fs_magic(const char *path, uint32_t *magic)
     int aufs_is_mountpoint(const char *path)
     int aufs_fsmount(const char *fstype, const char *source, const aufs_fs_param *params,

@@ -13,7 +13,9 @@ import errno
 import json
 import operator
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
@@ -185,6 +187,120 @@ def unshare(flags: int) -> None:
     Python on both paths: it is called once per thread, never in a hot loop."""
     if _libc.unshare(flags) != 0:
         raise _os_error(_last_errno(), "unshare")
+
+
+MNT_DETACH = 0x2
+
+
+def single_threaded() -> bool:
+    """Whether the caller is the process's only thread: /proc/self/task holds ".", ".." and
+    one entry per thread, so its link count is 2 + threads. False when /proc cannot tell."""
+    try:
+        return os.stat("/proc/self/task").st_nlink == 3
+    except OSError:
+        return False
+
+
+class _CwdThread:
+    """A thread whose working directory is its own (it unshares CLONE_FS when it starts), for
+    mounts with relative paths while other threads share the process's. Started on first
+    use; a forked child starts its own."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not cross a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue[tuple[PathArg, PathArg | None, PathArg,
+                                                str | bytes | None, int, str | bytes | None]
+                                          ] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
+        self._status: int | None = None  # 0 running, else the errno unshare gave
+
+    def mount(self, directory: PathArg, source: PathArg | None, target: PathArg,
+              fstype: str | bytes | None, flags: int, data: str | bytes | None) -> int:
+        with self._lock:
+            if self._status is None:
+                try:
+                    threading.Thread(target=self._serve, name="aufs-mount-from",
+                                     daemon=True).start()
+                except RuntimeError:  # worth another try later, as the native twin
+                    raise _os_error(errno.EAGAIN, target, "cannot start the thread that mounts "
+                                    "from a directory") from None
+                refused = self._replies.get()
+                self._status = 0 if refused is None else refused.errno or errno.EPERM
+            if self._status:
+                return self._status
+            self._requests.put((directory, source, target, fstype, flags, data))
+            error = self._replies.get()
+        if error is not None:
+            raise error
+        return 0
+
+    def _serve(self) -> None:
+        try:
+            unshare(CLONE_FS)
+        except OSError as error:
+            self._replies.put(error)
+            return
+        self._replies.put(None)
+        while True:
+            directory, source, target, fstype, flags, data = self._requests.get()
+            try:
+                os.chdir(directory)
+            except OSError as error:
+                self._replies.put(error)
+                continue
+            try:
+                mount(source, target, fstype, flags, data)
+            except OSError as error:
+                self._replies.put(error)
+            else:
+                self._replies.put(None)
+
+
+_CWD_THREAD = _CwdThread()
+
+
+def mount_from(
+    directory: PathArg,
+    source: PathArg | None,
+    target: PathArg,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = "",
+) -> int:
+    """mount(2) with the relative paths in data (and target, if relative) resolved from
+    directory, as Docker's overlay2 mounts its short links. Threads share a working
+    directory: while the caller is the process's only one, it moves there and back around
+    the call (as Docker's mounting child does); else the mount runs on a thread whose working
+    directory is its own. Returns 0 once mounted, or the errno that kept such a thread from
+    being made (nothing was done then). A failed return to the previous directory undoes the
+    mount. (The native twin makes the three steps in one C call; here a Python signal handler
+    could run in between and see the moved directory.)"""
+    if not single_threaded():
+        return _CWD_THREAD.mount(directory, source, target, fstype, flags, data)
+    try:
+        previous = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return _CWD_THREAD.mount(directory, source, target, fstype, flags, data)
+    try:
+        os.chdir(directory)
+        try:
+            mount(source, target, fstype, flags, data)
+        except BaseException:
+            os.fchdir(previous)
+            raise
+        try:
+            os.fchdir(previous)
+        except OSError as error:
+            unmount(target, MNT_DETACH)  # still resolved from directory
+            raise _os_error(error.errno, ".", "cannot return to the working directory"
+                            ) from None
+    finally:
+        os.close(previous)
+    return 0
 
 
 def unmount(target: PathArg, flags: int = 0) -> None:

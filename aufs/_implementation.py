@@ -43,6 +43,7 @@ fs_magic = _chosen.fs_magic
 fsmount = _chosen.fsmount
 is_mountpoint = _chosen.is_mountpoint
 mount = _chosen.mount
+mount_from = _chosen.mount_from
 mounted = _chosen.mounted
 openat2 = _chosen.openat2
 open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on both paths
@@ -66,6 +67,7 @@ __all__ = [
     "fsmount",
     "is_mountpoint",
     "mount",
+    "mount_from",
     "mounted",
     "open_directory_stepwise",
     "openat2",

@@ -27,6 +27,14 @@ def mount(
     flags: int = 0,
     data: str | bytes | None = "",
 ) -> None: ...
+def mount_from(
+    directory: PathArg,
+    source: PathArg | None,
+    target: PathArg,
+    fstype: str | bytes | None,
+    flags: int = 0,
+    data: str | bytes | None = "",
+) -> int: ...
 def unmount(target: PathArg, flags: int = 0) -> None: ...
 def fsmount(
     fstype: str | bytes,

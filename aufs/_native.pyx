@@ -168,6 +168,40 @@ def mount(source, target, fstype, flags=0, data=""):
         raise _os_error(-rc, target)
 
 
+def mount_from(directory, source, target, fstype, flags=0, data=""):
+    """mount(2) with the relative paths in data resolved from directory: in place while the
+    caller is the process's only thread, else on a thread whose working directory is its
+    own. Returns 0 once mounted, or the errno that kept such a thread from being made
+    (nothing was done then)."""
+    cdef bytes directory_bytes = _encode(directory, "directory")
+    cdef bytes source_bytes = None if source is None else _encode(source, "mount source")
+    cdef bytes target_bytes = _encode(target, "mount target")
+    cdef bytes fstype_bytes = None if fstype is None else _encode(fstype, "filesystem type")
+    cdef bytes data_bytes = None if data is None else _encode(data, "mount data")
+    cdef const char *directory_c = directory_bytes
+    cdef const char *source_c = _optional(source_bytes)
+    cdef const char *target_c = target_bytes
+    cdef const char *fstype_c = _optional(fstype_bytes)
+    cdef const char *data_c = _optional(data_bytes)
+    cdef unsigned long mount_flags = flags
+    cdef int failed = 0
+    cdef int rc
+    with nogil:
+        rc = core.aufs_mount_from(directory_c, source_c, target_c, fstype_c, mount_flags,
+                                  data_c, &failed)
+    if rc == 0:
+        return 0
+    if failed == core.AUFS_MOUNT_FROM_UNSHARE:
+        return -rc
+    if failed == core.AUFS_MOUNT_FROM_CHDIR:
+        raise _os_error(-rc, directory)
+    if failed == core.AUFS_MOUNT_FROM_THREAD:
+        raise _os_error(-rc, target, "cannot start the thread that mounts from a directory")
+    if failed == core.AUFS_MOUNT_FROM_RETURN:
+        raise _os_error(-rc, ".", "cannot return to the working directory")
+    raise _os_error(-rc, target)
+
+
 def unmount(target, flags=0):
     """umount2(2) with the given MNT_* flags."""
     cdef bytes target_bytes = _encode(target, "unmount target")

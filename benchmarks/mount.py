@@ -12,6 +12,7 @@ import base64
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,23 @@ def raw_fsmount(driver: aufs.Driver, top: str) -> None:
     _native.unmount(store.mount_path(top))
 
 
+def beside_a_thread(peer: Callable[[], None], ours: Callable[[], None], repeat: int) -> None:
+    """The same pair while another thread is alive, as in the Docker plugin's threaded
+    server: the working directory is shared then, so mounts over relative links go through
+    the thread of its own cwd (the peer, one thread of Go's runtime, keeps its chdir)."""
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, name="idle")
+    other.start()
+    try:
+        medians = alternating_medians([peer, ours], repeat, warmup=3)
+    finally:
+        release.set()
+        other.join()
+    report("the same, beside another thread (the plugin's case: mounts on a thread of its "
+           "own cwd)", [("raw mount(2) + umount2 (peer)", medians[0], ""),
+                        ("Driver.get + put, overlay", medians[1], "")], medians[0])
+
+
 def main(arguments: list[str]) -> None:
     repeat = int(arguments[0]) if arguments else 31
     with tmpfs_scratch("1g") as scratch:
@@ -113,6 +131,8 @@ def main(arguments: list[str]) -> None:
             how = "classic data over short links" if fits else "beyond a page: fsmount"
             report(f"get + put of a {depth}-layer chain (ratio to the raw syscalls, {how})",
                    rows, rows[0][1])
+            if depth == 100:
+                beside_a_thread(runs[0][1], get_put, repeat)
         overlay.cleanup()
         if fuse is not None:
             fuse.cleanup()

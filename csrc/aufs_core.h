@@ -77,6 +77,25 @@ int aufs_openat2(int dirfd, const char *path, int flags, unsigned int mode,
 int aufs_renameat2(int old_dirfd, const char *old_path, int new_dirfd, const char *new_path,
                    unsigned int flags);
 
+/* ---- mountfrom.c: mount(2) with relative paths, resolved from a directory ---------------- */
+
+/*
+ * mount(2) with the relative paths in `data` (and `target`, if relative) resolved from
+ * `directory`, as Docker's overlay2 mounts its short links. While the caller is the process's
+ * only thread (by /proc/self/task's link count), its working directory moves there and back
+ * around the call; else the call runs on a worker thread whose working directory is its own
+ * (unshare CLONE_FS), started on first use and again in a forked child. Serialised within the
+ * process; may be called without the GIL. 0 once mounted; -errno on failure, with `*failed`
+ * naming the step (the mount is undone when the way back fails).
+ */
+#define AUFS_MOUNT_FROM_CHDIR 0
+#define AUFS_MOUNT_FROM_MOUNT 1
+#define AUFS_MOUNT_FROM_RETURN 2
+#define AUFS_MOUNT_FROM_UNSHARE 3 /* no thread can have a working directory of its own */
+#define AUFS_MOUNT_FROM_THREAD 4  /* the worker thread did not start */
+int aufs_mount_from(const char *directory, const char *source, const char *target,
+                    const char *fstype, unsigned long flags, const char *data, int *failed);
+
 /* ---- ioqueue.c: ordered file I/O on a background thread ---------------------------------- */
 
 /* One job: write `bytes` (to out_fd, or to fd when out_fd < 0), copy `copy_size` bytes of fd

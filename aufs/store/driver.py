@@ -342,7 +342,10 @@ class Driver:
                     )
                 self._locks.references.release(layer_id)
                 try:
-                    self._unmount_layer(layer_id, force=False, refuse_if_shared=False)
+                    # a child's get mounted it (or found it mounted) and our reference kept
+                    # other processes' cleanup and remove off it: no need to ask the kernel
+                    self._unmount_layer(layer_id, force=False, refuse_if_shared=False,
+                                        surely_mounted=bool(parents))
                 except UnmountBusyError:
                     self._locks.references.acquire(layer_id, self._store.diff_path(layer_id))
                     raise
@@ -470,12 +473,15 @@ class Driver:
         self._mount_requests[layer_id] = (chain, label, request)
         return request
 
-    def _unmount_layer(self, layer_id: str, *, force: bool, refuse_if_shared: bool) -> None:
+    def _unmount_layer(self, layer_id: str, *, force: bool, refuse_if_shared: bool,
+                       surely_mounted: bool = False) -> None:
         """Unmounts mnt/<id> if it is mounted, with the retry policy. Call with the root lock
         held and this process's own references already released. When another process
-        holds the layer: force detaches lazily, refuse_if_shared raises, else it is kept."""
+        holds the layer: force detaches lazily, refuse_if_shared raises, else it is kept.
+        surely_mounted skips the mount test (umount2 still finds nothing mounted, if someone
+        unmounted it by hand meanwhile)."""
         target = self._store.mount_path(layer_id)
-        if not self._backend.is_mounted(target):
+        if not surely_mounted and not self._backend.is_mounted(target):
             return
         if LayerReferences.held_elsewhere(self._store.diff_path(layer_id)):
             if force:

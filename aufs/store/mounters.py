@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,7 +16,6 @@ from aufs import _implementation as native
 
 MS_REMOUNT = 0x20
 MNT_DETACH = 0x2
-CLONE_FS = 0x200
 
 
 class Mounter(Protocol):
@@ -40,62 +37,6 @@ class MountFromUnavailableError(OSError):
     """This process cannot mount with relative paths (no thread of its own cwd)."""
 
 
-class _MountFromThread:
-    """Runs mount(2) with relative paths in its data resolved from a given directory, as
-    Docker's overlay2 does (mountFrom) so that short names keep deep chains in one page.
-
-    The kernel resolves those paths from the caller's working directory, which the threads
-    of a process share. This one thread unshares it (CLONE_FS) at start, so its chdir moves
-    no one else's. Started on first use; a forked child starts its own."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)  # the thread does not cross a fork
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: queue.SimpleQueue[tuple[str, str | None, str, str | None, int,
-                                                str | None]] = queue.SimpleQueue()
-        self._replies: queue.SimpleQueue[OSError | None] = queue.SimpleQueue()
-        self._started = False
-        self._unusable: OSError | None = None
-
-    def mount(self, directory: str, source: str | None, target: str, fstype: str | None,
-              flags: int, data: str | None) -> None:
-        with self._lock:
-            if not self._started:
-                self._started = True
-                threading.Thread(target=self._serve, name="aufs-mount-from", daemon=True).start()
-                self._unusable = self._replies.get()
-            if self._unusable is not None:
-                raise MountFromUnavailableError(self._unusable.errno, self._unusable.strerror,
-                                                "unshare(CLONE_FS)")
-            self._requests.put((directory, source, target, fstype, flags, data))
-            error = self._replies.get()
-        if error is not None:
-            raise error
-
-    def _serve(self) -> None:
-        try:
-            native.unshare(CLONE_FS)
-        except OSError as error:
-            self._replies.put(error)
-            return
-        self._replies.put(None)
-        while True:
-            directory, source, target, fstype, flags, data = self._requests.get()
-            try:
-                os.chdir(directory)
-                native.mount(source, target, fstype, flags, data)
-            except OSError as error:
-                self._replies.put(error)
-            else:
-                self._replies.put(None)
-
-
-_MOUNT_FROM = _MountFromThread()
-
-
 class SyscallMounter:
     """The real thing: mount(2), the new mount API, umount2(2) and a statx mount-root test."""
 
@@ -105,8 +46,12 @@ class SyscallMounter:
 
     def mount_from(self, directory: str, source: str | None, target: str, fstype: str | None,
                    flags: int, data: str | None) -> None:
-        """mount(2) with the relative paths in data resolved from directory."""
-        _MOUNT_FROM.mount(directory, source, target, fstype, flags, data)
+        """mount(2) with the relative paths in data resolved from directory (in place while
+        this is the process's only thread, as Docker's mounting child does; else on a thread
+        whose working directory is its own)."""
+        refused = native.mount_from(directory, source, target, fstype, flags, data)
+        if refused:
+            raise MountFromUnavailableError(refused, os.strerror(refused), "unshare(CLONE_FS)")
 
     def fsmount(self, fstype: str, target: str,
                 options: Sequence[tuple[str, str | None]], source: str | None) -> None:

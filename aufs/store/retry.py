@@ -42,7 +42,8 @@ def unmount_with_retries(
 ) -> bool:
     """Unmounts target with plain umount2, retrying EBUSY as the policy says.
 
-    Returns True when something was unmounted, False when target was not mounted (EINVAL).
+    Returns True when something was unmounted, False when target was not mounted (EINVAL,
+    or ENOENT: no such directory).
     When it stays busy: with force, detach it lazily (MNT_DETACH) and return True; else raise
     UnmountBusyError and leave it mounted.
     """
@@ -52,7 +53,7 @@ def unmount_with_retries(
             unmount(target, 0)
             return True
         except OSError as error:
-            if error.errno == errno.EINVAL:
+            if error.errno in (errno.EINVAL, errno.ENOENT):
                 return False
             if error.errno != errno.EBUSY:
                 raise MountError(

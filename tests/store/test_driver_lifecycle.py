@@ -101,6 +101,29 @@ def test_reference_counts(driver: aufs.Driver, harness: Harness) -> None:
         driver.put("2")
 
 
+
+@pytest.mark.parametrize("by_hand", ["unmounted", "mount-dir-removed"])
+def test_put_of_a_union_unmounted_by_hand_lets_go_quietly(driver: aufs.Driver,
+                                                           harness: Harness,
+                                                           by_hand: str) -> None:
+    """put trusts that its get left the union mounted; umount2 still tells it otherwise."""
+    driver.create("1")
+    driver.create("2", "1")
+    path = driver.get("2")
+    if harness.recorder is not None:
+        harness.recorder.unmount(path, 0)
+    else:
+        aufs.unmount(path)
+    if by_hand == "mount-dir-removed":
+        os.rmdir(path)
+    driver.put("2")
+    assert driver.status()[-1] == ("Layers Held", "0")
+    assert not harness.is_mounted(path)
+    if by_hand == "mount-dir-removed":
+        os.mkdir(path)
+    assert driver.get("2") == path and harness.is_mounted(path)  # and it mounts again
+    driver.put("2")
+
 def test_base_layer_get_put_and_remove_leaks_no_mount_dir(driver: aufs.Driver) -> None:
     driver.create("base")
     assert driver.get("base") == driver.store.diff_path("base")

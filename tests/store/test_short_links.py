@@ -4,7 +4,11 @@ lazily, removed with their layer, checked and repaired by fsck."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,6 +83,62 @@ def test_real_mount_over_links_leaves_the_callers_cwd_alone(scratch: Path) -> No
         assert Path(path, "file0").read_text() == "0"
     driver.cleanup()
 
+
+
+
+_ONE_THREAD_GET = """
+import json, os, sys
+import aufs
+driver = aufs.Driver(sys.argv[1], backend="overlay")
+top = sys.argv[2]
+before = os.getcwd()
+with driver.mounted(top) as path:
+    seen = sorted(os.listdir(path))
+print(json.dumps({"threads": os.stat("/proc/self/task").st_nlink - 2, "files": len(seen),
+                  "cwd_kept": os.getcwd() == before}))
+driver.cleanup()
+"""
+
+
+@pytest.mark.parametrize("extensions", ["native", "fallback"])
+def test_a_process_of_one_thread_mounts_over_links_in_that_thread(scratch: Path,
+                                                                  extensions: str) -> None:
+    """No thread of its own cwd is started while the process has one thread: the chdir there
+    and back is invisible then (Docker's mounting child does the same), and a hand-over to
+    another thread cost more than the rest of get and put together."""
+    driver = aufs.Driver(scratch / "root", backend="overlay")
+    layers = chain(driver, 100, width=64)
+    environment = dict(os.environ, AUFS_NO_EXTENSIONS="1" if extensions == "fallback" else "0")
+    found = subprocess.run([sys.executable, "-c", _ONE_THREAD_GET, driver.root, layers[-1]],
+                           capture_output=True, text=True, check=True, env=environment)
+    assert json.loads(found.stdout) == {"threads": 1, "files": 101, "cwd_kept": True}
+
+def test_real_mount_over_links_with_other_threads_running(scratch: Path) -> None:
+    """Another thread shares the working directory: the mount goes through the thread of
+    its own cwd, and neither thread sees the cwd move."""
+    driver = aufs.Driver(scratch / "root", backend="overlay")
+    layers = chain(driver, 100, width=64)
+    before = os.getcwd()
+    seen: list[str] = []
+    release = threading.Event()
+
+    def watch() -> None:
+        while not release.is_set():
+            seen.append(os.getcwd())
+            release.wait(0.0005)
+
+    other = threading.Thread(target=watch)
+    other.start()
+    try:
+        for _ in range(3):
+            with driver.mounted(layers[-1]) as path:
+                assert os.getcwd() == before
+                assert Path(path, "file0").read_text() == "0"
+    finally:
+        release.set()
+        other.join()
+    assert set(seen) == {before}
+    driver.cleanup()
 
 def test_a_link_removed_under_the_cache_is_made_again(scratch: Path) -> None:
     driver = aufs.Driver(scratch / "root", backend="overlay")

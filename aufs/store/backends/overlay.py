@@ -65,7 +65,7 @@ class OverlayBackend(Backend):
         if request.label:
             tail.append(("context", request.label))
         absolute, relative = self._short_link_data(request, tail)
-        if absolute is not None:  # fits by full path: no need for a thread of its own cwd
+        if absolute is not None:  # fits by full path: nothing to resolve from the root
             try:
                 self.mounter.mount("aufs", request.target, "overlay", 0, absolute)
                 return
