@@ -71,8 +71,6 @@ def import_image(driver: Driver, catalog: Catalog, image: SourceImage, tag: str 
     return ImportedImage(tag, layers[-1], tuple(layers), tuple(created), config_digest)
 
 
-
-
 IMPORT_ADVICE = "the image source is damaged or was altered: export or download it again"
 
 

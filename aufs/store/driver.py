@@ -54,6 +54,7 @@ def raise_open_file_limit() -> int:
             return wanted
     return soft
 
+
 IDTriples = Iterable[Sequence[int]]
 
 

@@ -227,6 +227,8 @@ def _mismatch(path: str, why: str) -> Problem:
                    f"({why}); its diff is a fresh tar with another digest",
                    "delete the record (or re-pull the image to get the original back)", True,
                    os.path.basename(path))
+
+
 def _check_short_links(store: Store, ids: set[str]) -> list[Problem]:
     """Each entry in l/ is a layer's short link pointing at its diff dir. A missing one is
     no problem: the next mount makes it."""

@@ -50,6 +50,8 @@ class TarSplitRecord(NamedTuple):
     diff_id: str  # the digest the replayed tar must have
     tar_split: str  # path of tar-split.json.gz
     source: dict[str, object] | None  # the compressed blob the layer came in, if known
+
+
 # overlay2's short names: ROOT/l/<26 chars> -> ../diff/<id>, so that a deep chain's lowerdir
 # data, relative to ROOT, fits in one page (Docker's overlay2 gets 128 layers in that way)
 LINK_DIR = "l"

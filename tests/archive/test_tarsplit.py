@@ -40,7 +40,6 @@ def test_crc64_iso_matches_go(impl: ModuleType) -> None:
     assert impl.crc64_iso(impl.crc64_iso(0, data[:1001]), data[1001:]) == impl.crc64_iso(0, data)
 
 
-
 def test_crc64_iso_every_length_and_split(impl: ModuleType) -> None:
     # lengths around the native code's 16- and 64-byte folding steps, from any register
     # value and split anywhere, against the bit-by-bit definition
@@ -59,6 +58,7 @@ def test_crc64_iso_every_length_and_split(impl: ModuleType) -> None:
         assert impl.crc64_iso(start, data[:size]) == expected, size
         cut = size // 3
         assert impl.crc64_iso(impl.crc64_iso(start, data[:cut]), data[cut:size]) == expected
+
 
 @pytest.mark.parametrize("path", ["pclmul", "table"])
 def test_crc64_iso_on_each_native_path(path: str) -> None:

@@ -153,7 +153,6 @@ def test_fsmount_error_carries_kernel_message(impl: ModuleType, tmp_path: Path) 
     assert caught.value.filename == tmp_path
 
 
-
 # mount_from alone in a fresh interpreter (one thread: pytest may have started more), or with
 # a second thread alive, which shares the working directory
 _MOUNT_FROM = """

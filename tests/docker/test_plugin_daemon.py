@@ -204,6 +204,7 @@ def test_changes_export_and_commit_match_vfs(on_plugin: OnPlugin,
     assert ours.committed_export == vfs_reference.committed_export
     # The layers may say "deleted" differently: vfs (a naive diff) whites out each name,
     # overlayfs makes a replaced dir opaque. Everything else is the same entry.
+
     def content(layer: list[Entry]) -> list[Entry]:
         return [entry for entry in layer if not entry[0].rsplit("/", 1)[-1].startswith(".wh.")]
 

@@ -101,7 +101,6 @@ def test_reference_counts(driver: aufs.Driver, harness: Harness) -> None:
         driver.put("2")
 
 
-
 @pytest.mark.parametrize("by_hand", ["unmounted", "mount-dir-removed"])
 def test_put_of_a_union_unmounted_by_hand_lets_go_quietly(driver: aufs.Driver,
                                                            harness: Harness,
@@ -123,6 +122,7 @@ def test_put_of_a_union_unmounted_by_hand_lets_go_quietly(driver: aufs.Driver,
         os.mkdir(path)
     assert driver.get("2") == path and harness.is_mounted(path)  # and it mounts again
     driver.put("2")
+
 
 def test_base_layer_get_put_and_remove_leaks_no_mount_dir(driver: aufs.Driver) -> None:
     driver.create("base")

@@ -84,8 +84,6 @@ def test_real_mount_over_links_leaves_the_callers_cwd_alone(scratch: Path) -> No
     driver.cleanup()
 
 
-
-
 _ONE_THREAD_GET = """
 import json, os, sys
 import aufs
@@ -113,6 +111,7 @@ def test_a_process_of_one_thread_mounts_over_links_in_that_thread(scratch: Path,
                            capture_output=True, text=True, check=True, env=environment)
     assert json.loads(found.stdout) == {"threads": 1, "files": 101, "cwd_kept": True}
 
+
 def test_real_mount_over_links_with_other_threads_running(scratch: Path) -> None:
     """Another thread shares the working directory: the mount goes through the thread of
     its own cwd, and neither thread sees the cwd move."""
@@ -139,6 +138,7 @@ def test_real_mount_over_links_with_other_threads_running(scratch: Path) -> None
         other.join()
     assert set(seen) == {before}
     driver.cleanup()
+
 
 def test_a_link_removed_under_the_cache_is_made_again(scratch: Path) -> None:
     driver = aufs.Driver(scratch / "root", backend="overlay")
