@@ -69,6 +69,11 @@ class ExtractOptions:
 class ExtractResult:
     entries: int = 0
     header_bytes: int = 0  # the sum of member sizes: Docker's naive ApplyDiff result
+    # what the entries made adds to the tree's apparent size by Docker's rules (directory.Size:
+    # files, symlinks by their target's length, a hardlinked inode once); it is the tree's
+    # whole size only when the tree was empty and nothing was removed or replaced on the way
+    added_size: int = 0
+    removed_something: bool = False
 
 
 def split_name(name: str, what: str = "name") -> list[str]:
@@ -165,21 +170,24 @@ class Extractor:
             try:
                 fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
             except FileExistsError:
-                self.tree.remove(parent_fd, header_path)
+                self._remove(parent_fd, header_path)
                 fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
             self._regular_file(fd, header, reader, uid, gid)
+            self.result.added_size += (header.realsize if header.sparse is not None
+                                       and header.realsize is not None else header.size)
             return
         existing = self.tree.lstat(parent_fd, base)
         if existing is not None:
             if kind == DIRECTORY and stat.S_ISDIR(existing.st_mode):
                 self._finish_directory(parent_fd, base, parts, header, uid, gid)
                 return
-            self.tree.remove(parent_fd, header_path, existing)
+            self._remove(parent_fd, header_path, existing)
         if kind == DIRECTORY:
             os.mkdir(base, 0o700, dir_fd=parent_fd)
             self._finish_directory(parent_fd, base, parts, header, uid, gid)
         elif kind == SYMLINK:
             os.symlink(header.linkname, base, dir_fd=parent_fd)
+            self.result.added_size += len(os.fsencode(header.linkname))
             self._chown_entry(parent_fd, base, uid, gid)
             os.utime(base, ns=self._times(header), dir_fd=parent_fd, follow_symlinks=False)
         elif kind == HARDLINK:
@@ -254,6 +262,11 @@ class Extractor:
             os.close(fd)
         self._dir_times.append(("/".join(parts), *self._times(header)))
 
+    def _remove(self, parent_fd: int, path: str, info: os.stat_result | None = None) -> bool:
+        """tree.remove, noting that the tree's size is no longer the sum of what was added."""
+        self.result.removed_something = True
+        return self.tree.remove(parent_fd, path, info)
+
     def _hardlink(self, parent_fd: int, base: str, header: TarHeader) -> None:
         try:
             target = split_name(header.linkname, "hardlink target")
@@ -306,7 +319,7 @@ class Extractor:
         target = _check_whiteout_target(base)
         if mode is WhiteoutMode.OVERLAY:
             parent_fd = self.tree.open_dir(parent, create=True, owner=self._owner_of_new_dirs)
-            self.tree.remove(parent_fd, _join(parent, target))
+            self._remove(parent_fd, _join(parent, target))
             os.mknod(target, stat.S_IFCHR, 0, dir_fd=parent_fd)
             uid, gid = self._host_owner(header)
             self._chown_entry(parent_fd, target, uid, gid)
@@ -315,7 +328,7 @@ class Extractor:
             parent_fd = self.tree.open_dir(parent)
         except (FileNotFoundError, NotADirectoryError):
             return  # nothing there to delete
-        self.tree.remove(parent_fd, _join(parent, target))
+        self._remove(parent_fd, _join(parent, target))
 
     def _make_opaque(self, parent: str) -> None:
         """APPLY mode: drop everything under parent that this layer did not unpack. A walk
@@ -337,7 +350,7 @@ class Extractor:
                     if info is None:
                         continue
                     if child not in self._unpacked:
-                        self.tree.remove(directory, child, info)
+                        self._remove(directory, child, info)
                     elif stat.S_ISDIR(info.st_mode):
                         pending.append(child)
             finally:

@@ -313,11 +313,12 @@ class LayerDiffs:
 
     def _apply_staged(self, layer_id: str, parent: str, stream: BinaryIO,
                       allow_devices: bool, record: bool | str = False) -> int | None:
-        """The apply proper, into a staged clone swapped in at the end; None on the fast
-        path (the caller measures the branch)."""
+        """The apply proper, into a staged clone swapped in at the end; the layer's size, or
+        None on the fast path when the caller has to measure the branch."""
         fast = self.is_parent(layer_id, parent)
+        empty = fast and not os.listdir(self.store.diff_path(layer_id))
         recorder = None
-        if record and fast and not os.listdir(self.store.diff_path(layer_id)):
+        if record and empty:
             recorder = TarSplitRecorder(hash_stream=record is True)
         elif record:
             log.info("layer %s: not recording its tar-split (only an empty layer applied "
@@ -330,9 +331,12 @@ class LayerDiffs:
                 if fast:
                     mode = (WhiteoutMode.OVERLAY if self.whiteout_format == "overlay"
                             else WhiteoutMode.LITERAL)
-                    extract(stream, tree, ExtractOptions(mode, self.id_mapping, allow_devices,
-                                                         tar_split=recorder))
-                    size = None
+                    unpacked = extract(stream, tree, ExtractOptions(
+                        mode, self.id_mapping, allow_devices, tar_split=recorder))
+                    # into an empty layer with nothing replaced, the layer is what the
+                    # entries added: no walk of it afterwards (the caller walks otherwise)
+                    size = (unpacked.added_size if empty and not unpacked.removed_something
+                            else None)
                 else:
                     size = self._apply_through_union(layer_id, staging, tree, stream,
                                                      allow_devices)
