@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import subprocess
@@ -46,12 +47,15 @@ def test_environment_switch_in_a_fresh_interpreter() -> None:
 @pytest.mark.skipif(not (REPO / "setup.py").is_file(), reason="runs from a source checkout only")
 def test_sdist_carries_the_sources(tmp_path: Path) -> None:
     environment = dict(os.environ, AUFS_NO_EXTENSIONS="1")
-    subprocess.run(
-        # the egg-info beside the sdist, not in the checkout another test run may share
-        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist",
-         "-d", str(tmp_path)],
-        cwd=REPO, env=environment, check=True, capture_output=True,
-    )
+    # sdist stages its tree in the checkout: one test run at a time per checkout (a lock on
+    # setup.py), with the egg-info beside the sdist
+    with open(REPO / "setup.py") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+             "sdist", "-d", str(tmp_path)],
+            cwd=REPO, env=environment, check=True, capture_output=True,
+        )
     (archive,) = tmp_path.glob("aufs-*.tar.gz")
     with tarfile.open(archive) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}

@@ -465,7 +465,9 @@ def mutate(root: Path, steps: list[tuple[str, str, bytes]]) -> None:
                     shutil.rmtree(parent)
                     parent.mkdir()
                     (parent / "fresh").write_bytes(data)
-        except (NotADirectoryError, FileExistsError, FileNotFoundError):
+        # a step the union refuses is skipped; fuse-overlayfs 1.10 refuses a file where it
+        # just removed a directory inside an opaque one (EEXIST or EISDIR: its bug, not ours)
+        except (NotADirectoryError, IsADirectoryError, FileExistsError, FileNotFoundError):
             continue
 
 
@@ -482,6 +484,10 @@ def mutate(root: Path, steps: list[tuple[str, str, bytes]]) -> None:
 @example(stack=[[("write", "d/g/h", b"")], [("rmdir-recreate", "d/e", b""),
                 ("write", "d/g/h", b""), ("delete", "d/g/h", b"")],
                 [("write", "d/g/h", b"")]])
+# fuse-overlayfs refuses the last write (its bug): the step is skipped, and the rest must agree
+@example(stack=[[("mkdir", "d/e", b"")], [("mkdir", "a", b""), ("rmdir-recreate", "d/e", b""),
+                ("write", "d/f", b""), ("write", "a", b""), ("mkdir", "d/e", b""),
+                ("write", "d/e", b"")]])
 def test_fast_and_naive_changes_agree(session_scratch: Path,
                                       stack: list[list[tuple[str, str, bytes]]]) -> None:
     for backend in ("overlay", "fuse-overlayfs"):
