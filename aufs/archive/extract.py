@@ -263,9 +263,13 @@ class Extractor:
         self._dir_times.append(("/".join(parts), *self._times(header)))
 
     def _remove(self, parent_fd: int, path: str, info: os.stat_result | None = None) -> bool:
-        """tree.remove, noting that the tree's size is no longer the sum of what was added."""
-        self.result.removed_something = True
-        return self.tree.remove(parent_fd, path, info)
+        """tree.remove, noting when the tree's size is no longer the sum of what was added
+        (not when nothing was there, as for most whiteouts)."""
+        before = self.result.removed_something
+        self.result.removed_something = True  # if it fails half-way, part of it is gone
+        removed = self.tree.remove(parent_fd, path, info)
+        self.result.removed_something = before or removed
+        return removed
 
     def _hardlink(self, parent_fd: int, base: str, header: TarHeader) -> None:
         try:

@@ -78,6 +78,10 @@ def test_the_walk_is_skipped_only_when_nothing_was_removed(harness: Harness, scr
         member("f", data=b"12345"), member("l", tarfile.SYMTYPE, linkname="f"),
         member("h", tarfile.LNKTYPE, linkname="f")]))) == 5 + 1
     assert walks == []
+    driver.create("whiteout")  # a whiteout of nothing removes nothing: still summed
+    assert driver.apply_diff("whiteout", "", io.BytesIO(archive([
+        member("f", data=b"123"), member(PREFIX + "gone")]))) == 3
+    assert walks == []
     driver.create("twice")
     assert driver.apply_diff("twice", "", io.BytesIO(archive([
         member("f", data=b"12345"), member("f", data=b"1")]))) == 1
