@@ -785,6 +785,22 @@ cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
         PyMem_Free(entries)
 
 
+cdef int grow(char **buffer, Py_ssize_t *capacity, Py_ssize_t needed,
+              Py_ssize_t smallest) except -1:
+    """Makes buffer hold at least needed bytes: doubled, and never below smallest."""
+    cdef Py_ssize_t wanted
+    cdef char *grown
+    if needed <= capacity[0]:
+        return 0
+    wanted = max(2 * capacity[0], needed, smallest)
+    grown = <char *>PyMem_Realloc(buffer[0], wanted)
+    if grown == NULL:
+        raise MemoryError()
+    buffer[0] = grown
+    capacity[0] = wanted
+    return 0
+
+
 cdef inline void acquire(object data, Py_buffer *view) except *:
     PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
 
@@ -907,18 +923,12 @@ cdef class TarSplitCollector:
 
     cdef char *reserve(self, Py_ssize_t size) except NULL:
         """Room for size more packed bytes; the caller fills them."""
-        cdef Py_ssize_t capacity = self.packed_capacity
-        cdef char *grown
-        if self.packed_size + size > capacity:
-            capacity = max(2 * capacity, self.packed_size + size, self.last_capacity, 1 << 16)
-            grown = <char *>PyMem_Realloc(self.packed, capacity)
-            if grown == NULL:
-                raise MemoryError()
-            self.packed = grown
-            self.packed_capacity = capacity
-        grown = self.packed + self.packed_size
+        cdef char *target
+        grow(&self.packed, &self.packed_capacity, self.packed_size + size,
+             max(self.last_capacity, 1 << 16))
+        target = self.packed + self.packed_size
         self.packed_size += size
-        return grown
+        return target
 
     cdef int pack_bytes(self, char kind, const char *data, Py_ssize_t size) except -1:
         """A segment (kind 2) or a line already built (kind 0)."""
@@ -949,15 +959,7 @@ cdef class TarSplitCollector:
         return 0
 
     cdef int append_pending(self, const char *data, Py_ssize_t size) except -1:
-        cdef Py_ssize_t capacity = self.pending_capacity
-        cdef char *grown
-        if self.pending_size + size > capacity:
-            capacity = max(2 * capacity, self.pending_size + size, 4096)
-            grown = <char *>PyMem_Realloc(self.pending, capacity)
-            if grown == NULL:
-                raise MemoryError()
-            self.pending = grown
-            self.pending_capacity = capacity
+        grow(&self.pending, &self.pending_capacity, self.pending_size + size, 4096)
         memcpy(self.pending + self.pending_size, data, size)
         self.pending_size += size
         return 0
