@@ -86,6 +86,47 @@ cdef extern from "aufs_core.h" nogil:
 
     int aufs_tar_parse_header(const unsigned char *block, aufs_tar_header *header)
 
+    enum:
+        AUFS_UNPACK_DONE
+        AUFS_UNPACK_FULL
+        AUFS_UNPACK_NEED_DATA
+        AUFS_UNPACK_PARENT
+        AUFS_UNPACK_OTHER
+        AUFS_UNPACK_ERROR
+    struct aufs_unpack_entry:
+        size_t header_offset
+        size_t data_offset
+        uint64_t size
+        size_t padding
+        unsigned char name[256]
+        size_t name_length
+        size_t directory_length
+        size_t base_length
+        unsigned char linkname[100]
+        size_t linkname_length
+        char kind
+        uint32_t mode
+        int64_t uid
+        int64_t gid
+        int64_t mtime
+    struct aufs_unpack_run:
+        const unsigned char *buffer
+        size_t end
+        int parent_known
+        int parent_fd
+        const unsigned char *prefix
+        size_t prefix_length
+        size_t max_file_size
+        aufs_unpack_entry *entries
+        size_t capacity
+        size_t position
+        size_t padding
+        size_t count
+        int status
+        int error
+        aufs_unpack_entry stop
+    int aufs_unpack_members(aufs_unpack_run *run)
+
     uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size)
 
     uint64_t aufs_siphash13(const uint64_t *key, const void *data, size_t size)

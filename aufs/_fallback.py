@@ -17,7 +17,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Union
+from typing import NamedTuple, Union
 
 from aufs.errors import DiffError
 
@@ -884,3 +884,154 @@ class TarSplitCollector:
 
     def batch_ready(self) -> None:
         """Called when enough items have gathered to be taken; a recorder overrides it."""
+
+
+# ---- a run of plain members, unpacked from a tar reader's buffer ----------------------------
+
+UNPACK_FULL, UNPACK_NEED_DATA, UNPACK_PARENT, UNPACK_OTHER, UNPACK_ERROR = 1, 2, 3, 4, 5
+_ID_LIMIT = 2**32 - 1
+_TIME_LIMIT_SECONDS = 2**33
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnpackRun(NamedTuple):
+    """Where a run of members stopped, and what it did."""
+
+    status: int  # UNPACK_*: why it stopped (never FULL: the run goes on until it stops)
+    position: int  # the end of the last member's data (or where it started, if none)
+    padding: int  # the padding after it, still to skip
+    entries: int  # members created
+    data_bytes: int  # the sum of their sizes
+    added_size: int  # what they add to the tree's size (files' data, symlinks' targets)
+    stop_directory: bytes  # the directory part of the member it stopped at, as spelled
+    stop_name: bytes  # that member's name
+    error: int  # errno of UNPACK_ERROR
+    last_name: bytes  # the name of the last member created, if any
+
+
+class _Member(NamedTuple):
+    kind: bytes
+    name: bytes
+    directory_length: int
+    base: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int
+    linkname: bytes
+    data_offset: int
+
+
+def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
+             max_file_size: int) -> tuple[int, _Member | None]:
+    """The member at position: (0, member) when a run may create it, else (status, member
+    as far as it was read)."""
+    if end - position < 512:
+        return UNPACK_NEED_DATA, None
+    block = bytes(buffer[position:position + 512])
+    if block == bytes(512):
+        return UNPACK_OTHER, None
+    try:
+        name, kind, mode, uid, gid, size, mtime, linkname, _, _, _ = parse_tar_header(block)
+    except ValueError:
+        return UNPACK_OTHER, None
+    if min(uid, gid, size, mtime) < 0:  # base-256 negatives: the native parser leaves them
+        return UNPACK_OTHER, None
+    if kind in (b"\0", b"7"):
+        kind = b"0"
+    length = len(name)
+    if kind == b"5" and name.endswith(b"/"):
+        length -= 1
+    directory_length = name.rfind(b"/", 0, length) + 1
+    base = name[directory_length:length]
+    member = _Member(kind, name, directory_length, base, mode, uid, gid, mtime, size, linkname,
+                     position + 512)
+    if kind not in (b"0", b"2", b"5"):
+        return UNPACK_OTHER, member
+    if ((kind != b"0" and size) or uid >= _ID_LIMIT or gid >= _ID_LIMIT
+            or mtime >= _TIME_LIMIT_SECONDS or (kind == b"2" and not linkname)):
+        return UNPACK_OTHER, member
+    if prefix is None or name[:directory_length] != prefix:
+        return UNPACK_PARENT, member
+    if (base in (b"", b".", b"..") or base.startswith(b".wh.") or b"/" in base
+            or len(base) >= 256):
+        return UNPACK_OTHER, member
+    if size > max_file_size:
+        return UNPACK_OTHER, member
+    if position + 512 + size + (-size % 512) > end:
+        return UNPACK_NEED_DATA, member
+    return 0, member
+
+
+def _create_member(parent_fd: int, member: _Member, buffer: memoryview) -> None:
+    base, times = member.base, (member.mtime * 1_000_000_000,) * 2
+    if member.kind == b"5":
+        os.mkdir(base, 0o700, dir_fd=parent_fd)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=parent_fd)
+        try:
+            os.fchown(fd, member.uid, member.gid)
+            os.fchmod(fd, member.mode)
+        finally:
+            os.close(fd)
+    elif member.kind == b"2":
+        os.symlink(member.linkname, base, dir_fd=parent_fd)
+        os.chown(base, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False)
+        os.utime(base, ns=times, dir_fd=parent_fd, follow_symlinks=False)
+    else:
+        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        data = buffer[member.data_offset:member.data_offset + member.size]
+        finish_file(fd, data, (member.uid, member.gid), member.mode, *times, "")
+
+
+def unpack_run(buffer: memoryview, position: int, end: int, padding: int, parent_fd: int,
+               prefix: bytes | None, parent: str, max_file_size: int,
+               recorder: TarSplitCollector | None,
+               directory_times: list[tuple[str, int, int]]) -> UnpackRun:
+    """Creates the members in buffer[position + padding:end] while each is a plain file (its
+    data all in the buffer, at most max_file_size bytes), symlink or directory whose name
+    is spelled prefix + a plain base name (no slash, not "." or "..", no ".wh."), in the
+    directory parent_fd (`parent` in the tree, prefix None: none yet): what a root-owned
+    extraction with no id mapping would make of each, owner and times as the header says. A
+    directory's times go into directory_times for the caller to set last. Every other member
+    stops the run untouched (so does one whose name is taken: EEXIST), as does a failure.
+    The recorder, if any, is told of each member created as a TarReader tells it."""
+    created = data_bytes = added_size = 0
+    last_name = b""
+    mark = position
+    at = position + padding
+    if at > end:
+        return UnpackRun(UNPACK_NEED_DATA, position, padding, 0, 0, 0, b"", b"", 0, b"")
+    while True:
+        status, member = _examine(buffer, at, end, prefix, max_file_size)
+        error = 0
+        if status == 0:
+            assert member is not None
+            try:
+                _create_member(parent_fd, member, buffer)
+            except OSError as failure:
+                status = UNPACK_OTHER if failure.errno == errno.EEXIST else UNPACK_ERROR
+                error = 0 if failure.errno == errno.EEXIST else (failure.errno or errno.EIO)
+        if status:
+            return UnpackRun(status, position, padding, created, data_bytes, added_size,
+                             member.name[:member.directory_length] if member else b"",
+                             member.name if member else b"", error, last_name)
+        assert member is not None
+        data_end = member.data_offset + member.size
+        if recorder is not None:
+            recorder.begin_file(os.fsdecode(member.name), member.size, False,
+                                buffer[mark:member.data_offset])
+            recorder.end_file(buffer[member.data_offset:data_end])
+        if member.kind == b"5":
+            base = os.fsdecode(member.base)
+            directory_times.append((f"{parent}/{base}" if parent else base,
+                                    member.mtime * 1_000_000_000,
+                                    member.mtime * 1_000_000_000))
+        created += 1
+        last_name = member.name
+        data_bytes += member.size
+        added_size += member.size if member.kind == b"0" else len(member.linkname)
+        position, padding = data_end, -member.size % 512
+        mark = position
+        at = position + padding

@@ -53,12 +53,21 @@ renameat2 = _chosen.renameat2
 TarSplitCollector = _chosen.TarSplitCollector
 tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
+unpack_run = _chosen.unpack_run
+UnpackRun = _fallback.UnpackRun
+UNPACK_NEED_DATA = _fallback.UNPACK_NEED_DATA
+UNPACK_PARENT = _fallback.UNPACK_PARENT
+UNPACK_ERROR = _fallback.UNPACK_ERROR
 unshare = _fallback.unshare  # pure Python on both paths
 
 __all__ = [
     "IMPLEMENTATION",
+    "UNPACK_ERROR",
+    "UNPACK_NEED_DATA",
+    "UNPACK_PARENT",
     "IOQueue",
     "TarSplitCollector",
+    "UnpackRun",
     "aufs_mount_data",
     "crc64_iso",
     "directory_size",
@@ -76,5 +85,6 @@ __all__ = [
     "renameat2",
     "tarsplit_lines",
     "unmount",
+    "unpack_run",
     "unshare",
 ]

@@ -338,6 +338,80 @@ def finish_file(int fd, const unsigned char[::1] data, owner, int mode, int64_t 
         raise OSError(-rc, os.strerror(-rc), name)
 
 
+cdef enum:
+    UNPACK_ENTRIES_AT_ONCE = 64
+
+from aufs._fallback import UnpackRun
+
+
+def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t padding,
+               int parent_fd, bytes prefix, str parent, Py_ssize_t max_file_size,
+               recorder, list directory_times):
+    """Creates the plain members that follow in the buffer, in C without the GIL; see
+    aufs/_fallback.py (the spec) for what a run takes and where it stops. The recorder and
+    directory_times hear of each member created after each stretch of them."""
+    cdef const unsigned char[::1] data = buffer
+    cdef core.aufs_unpack_run run
+    cdef core.aufs_unpack_entry *entries = <core.aufs_unpack_entry *>PyMem_Malloc(
+        UNPACK_ENTRIES_AT_ONCE * sizeof(core.aufs_unpack_entry))
+    cdef core.aufs_unpack_entry *entry
+    cdef Py_ssize_t index, created = 0, data_bytes = 0, added_size = 0, mark
+    cdef int64_t times
+    cdef bytes last_name = b""
+    if entries == NULL:
+        raise MemoryError()
+    if not 0 <= position <= end <= data.shape[0] or padding < 0:
+        PyMem_Free(entries)
+        raise ValueError("unpack_run: position, end and padding do not fit the buffer")
+    memset(&run, 0, sizeof(run))
+    run.buffer = &data[0] if data.shape[0] else NULL
+    run.end = end
+    run.parent_known = prefix is not None
+    run.parent_fd = parent_fd
+    run.prefix = <const unsigned char *>PyBytes_AS_STRING(prefix) if prefix is not None else NULL
+    run.prefix_length = PyBytes_GET_SIZE(prefix) if prefix is not None else 0
+    run.max_file_size = max_file_size
+    run.entries = entries
+    run.capacity = UNPACK_ENTRIES_AT_ONCE
+    run.position = position
+    run.padding = padding
+    try:
+        while True:
+            mark = run.position
+            with nogil:
+                core.aufs_unpack_members(&run)
+            for index in range(<Py_ssize_t>run.count):
+                entry = &entries[index]
+                if recorder is not None:
+                    recorder.begin_file(os.fsdecode(entry.name[:entry.name_length]),
+                                        entry.size, False, buffer[mark:entry.data_offset])
+                    recorder.end_file(buffer[entry.data_offset:entry.data_offset + entry.size])
+                    mark = entry.data_offset + entry.size
+                if entry.kind == 53:  # "5"
+                    base = os.fsdecode(entry.name[entry.directory_length:
+                                                  entry.directory_length + entry.base_length])
+                    times = entry.mtime * 1000000000
+                    directory_times.append((f"{parent}/{base}" if parent else base, times,
+                                            times))
+                    added_size += 0
+                elif entry.kind == 50:  # "2"
+                    added_size += entry.linkname_length
+                else:
+                    added_size += entry.size
+                data_bytes += entry.size
+            created += run.count
+            if run.count:
+                last_name = entries[run.count - 1].name[:entries[run.count - 1].name_length]
+            if run.status != core.AUFS_UNPACK_FULL:
+                break
+        entry = &run.stop
+        return UnpackRun(run.status, run.position, run.padding, created, data_bytes, added_size,
+                         entry.name[:entry.directory_length], entry.name[:entry.name_length],
+                         run.error, last_name)
+    finally:
+        PyMem_Free(entries)
+
+
 cdef class IOQueue:
     """File I/O jobs run in order by a C thread, without the GIL. See aufs/_fallback.py."""
 

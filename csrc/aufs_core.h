@@ -149,6 +149,60 @@ struct aufs_tar_header {
 /* 0, -EBADMSG (checksum), -EINVAL or -ERANGE (a field): then ask the spec for the reason. */
 int aufs_tar_parse_header(const unsigned char *block, struct aufs_tar_header *header);
 
+/* ---- unpackrun.c: a run of plain members unpacked from a reader's buffer ------------------- */
+
+/* Why a run stopped (DONE is one member examined and fit to create). */
+#define AUFS_UNPACK_DONE 0
+#define AUFS_UNPACK_FULL 1      /* the entries array is full: call again */
+#define AUFS_UNPACK_NEED_DATA 2 /* the next member is not all in the buffer */
+#define AUFS_UNPACK_PARENT 3    /* the next member is in another directory: `stop` names it */
+#define AUFS_UNPACK_OTHER 4     /* the next member is for the Python path, untouched */
+#define AUFS_UNPACK_ERROR 5     /* creating `stop` failed with `error` */
+
+/* One member of a run: a plain file ('0'), symlink ('2') or directory ('5'). */
+struct aufs_unpack_entry {
+    size_t header_offset, data_offset; /* in the buffer */
+    uint64_t size;
+    size_t padding;
+    unsigned char name[256]; /* as the archive spells it: prefix "/" name */
+    size_t name_length;
+    size_t directory_length; /* of name, up to and with its last slash (a directory's own
+                                trailing slash left out); the base name follows */
+    size_t base_length;
+    unsigned char linkname[100];
+    size_t linkname_length;
+    char kind;
+    uint32_t mode;
+    int64_t uid, gid, mtime;
+};
+
+struct aufs_unpack_run {
+    /* in */
+    const unsigned char *buffer;
+    size_t end;              /* bytes of the buffer that hold archive data */
+    int parent_known;        /* 0: stop at once, with the first member's directory */
+    int parent_fd;           /* the directory named prefix, where members are made */
+    const unsigned char *prefix;
+    size_t prefix_length;
+    size_t max_file_size;    /* bigger files stop the run (the Python path streams them) */
+    struct aufs_unpack_entry *entries;
+    size_t capacity;
+    /* in and out: the end of the last member's data, and its padding still to skip */
+    size_t position, padding;
+    /* out */
+    size_t count; /* members created, in entries[0..count) */
+    int status;
+    int error;    /* errno of AUFS_UNPACK_ERROR */
+    struct aufs_unpack_entry stop; /* the member the run stopped at, as far as it was read */
+};
+
+/*
+ * Creates the members from position + padding on, in the buffer, while each is a plain file
+ * (data all in the buffer), symlink or directory in the directory `prefix`, owned and timed
+ * as its header says (a directory's times are left to the caller). Returns the status.
+ */
+int aufs_unpack_members(struct aufs_unpack_run *run);
+
 /* ---- crc64.c: tar-split's file checksum ----------------------------------------------------- */
 
 /* Go's crc64.Update with the ISO table: pass 0 first, then the previous result. */

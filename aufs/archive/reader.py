@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
+from aufs import _implementation as native
 from aufs.archive.format import (
     BLOCK,
     GNU_LONGLINK,
@@ -121,6 +122,37 @@ class TarReader:
         self._start += size
         self._data_left = 0
         return view
+
+    def unpack_run(self, parent_fd: int, prefix: bytes | None, parent: str,
+                   directory_times: list[tuple[str, int, int]]) -> native.UnpackRun:
+        """Unpacks the plain members that follow straight from the buffer (native.unpack_run
+        says which, and where they go), reading more whenever the next one is not all there
+        yet; the reader then stands where the run stopped, as if next() had read up to it."""
+        self._skip(self._data_left, may_end=False)
+        self._data_left = 0
+        if self._recorder is not None:
+            self._recorder.end_file(self._view[self._mark:self._start])
+            self._mark = self._start
+        entries = data_bytes = added_size = 0
+        last_name = b""
+        while True:
+            run = native.unpack_run(self._view, self._start, self._end, self._padding_left,
+                                    parent_fd, prefix, parent, len(self._buffer) // 2,
+                                    self._recorder, directory_times)
+            self._start = self._mark = run.position
+            self._padding_left = run.padding
+            entries += run.entries
+            data_bytes += run.data_bytes
+            added_size += run.added_size
+            last_name = run.last_name or last_name
+            if run.status != native.UNPACK_NEED_DATA:
+                break
+            before = self.bytes_read
+            self._fill()
+            if self.bytes_read == before:
+                break  # the stream ends here: next() says how
+        return run._replace(entries=entries, data_bytes=data_bytes, added_size=added_size,
+                            last_name=last_name)
 
     def _hand_over(self) -> None:
         """The bytes consumed since the last hand-over, to the recorder: file data while it
