@@ -109,6 +109,7 @@ cdef extern from "aufs_core.h" nogil:
         int64_t uid
         int64_t gid
         int64_t mtime
+        uint64_t crc
     struct aufs_unpack_run:
         const unsigned char *buffer
         size_t end
@@ -117,6 +118,7 @@ cdef extern from "aufs_core.h" nogil:
         const unsigned char *prefix
         size_t prefix_length
         size_t max_file_size
+        int want_crc
         aufs_unpack_entry *entries
         size_t capacity
         size_t position

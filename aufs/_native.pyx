@@ -15,6 +15,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 cdef extern from "Python.h":
+    str PyUnicode_DecodeFSDefaultAndSize(const char *data, Py_ssize_t size)
     bint PyUnicode_IS_ASCII(object text)
     int PyUnicode_KIND(object text)
     void *PyUnicode_DATA(object text)
@@ -375,6 +376,9 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
     run.capacity = UNPACK_ENTRIES_AT_ONCE
     run.position = position
     run.padding = padding
+    cdef TarSplitCollector collector = (recorder if isinstance(recorder, TarSplitCollector)
+                                        else None)
+    run.want_crc = collector is not None
     try:
         while True:
             mark = run.position
@@ -382,18 +386,23 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
                 core.aufs_unpack_members(&run)
             for index in range(<Py_ssize_t>run.count):
                 entry = &entries[index]
-                if recorder is not None:
+                if collector is not None:
+                    collector.add_member(
+                        PyUnicode_DecodeFSDefaultAndSize(<const char *>entry.name,
+                                                         entry.name_length),
+                        entry.size, entry.crc, buffer, mark, entry.data_offset)
+                    mark = entry.data_offset + entry.size
+                elif recorder is not None:
                     recorder.begin_file(os.fsdecode(entry.name[:entry.name_length]),
                                         entry.size, False, buffer[mark:entry.data_offset])
                     recorder.end_file(buffer[entry.data_offset:entry.data_offset + entry.size])
                     mark = entry.data_offset + entry.size
                 if entry.kind == 53:  # "5"
-                    base = os.fsdecode(entry.name[entry.directory_length:
-                                                  entry.directory_length + entry.base_length])
+                    base = PyUnicode_DecodeFSDefaultAndSize(
+                        <const char *>entry.name + entry.directory_length, entry.base_length)
                     times = entry.mtime * 1000000000
                     directory_times.append((f"{parent}/{base}" if parent else base, times,
                                             times))
-                    added_size += 0
                 elif entry.kind == 50:  # "2"
                     added_size += entry.linkname_length
                 else:
@@ -1081,6 +1090,9 @@ cdef class TarSplitCollector:
             PyBuffer_Release(&view)
 
     def begin_file(self, str name, Py_ssize_t size, bint sparse, raw=b""):
+        self.begin(name, size, sparse, raw)
+
+    cdef int begin(self, str name, Py_ssize_t size, bint sparse, object raw) except -1:
         cdef Py_buffer view
         if self.file_name is not None:
             self.end_file()
@@ -1103,6 +1115,7 @@ cdef class TarSplitCollector:
         self.file_name = name
         self.file_size = size
         self.crc = 0
+        return 0
 
     def end_file(self, data=b""):
         cdef Py_buffer view
@@ -1112,13 +1125,38 @@ cdef class TarSplitCollector:
                 self.consume_view(data, &view)
         finally:
             PyBuffer_Release(&view)
+        self.finish_member()
+
+    cdef int finish_member(self) except -1:
         if self.file_name is None:
-            return
+            return 0
         self.pack_file()
         self.file_name = None
         if (self.count >= TARSPLIT_BATCH_ITEMS
                 or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES):
             self.batch_ready()
+        return 0
+
+    cdef int add_member(self, str name, Py_ssize_t size, uint64_t crc, object buffer,
+                        Py_ssize_t raw_start, Py_ssize_t data_start) except -1:
+        """begin_file(name, size, False, buffer[raw_start:data_start]) then end_file(the
+        size bytes of data that follow), for a member whose data's CRC-64 is known already
+        (unpack_run's, made while it wrote the file): no object made in the common case."""
+        cdef const unsigned char[::1] data
+        if self.hash_update is not None or self.file_name is not None or self.pending_size:
+            self.begin(name, size, False, buffer[raw_start:data_start])
+            if self.hash_update is not None and size:
+                self.hash_update(buffer[data_start:data_start + size])
+        else:  # begin()'s common case, from the buffer
+            if data_start > raw_start:
+                data = buffer
+                self.keep(data_start - raw_start)
+                self.pack_bytes(2, <const char *>&data[raw_start], data_start - raw_start)
+            self.note_name(name)
+            self.file_name = name
+            self.file_size = size
+        self.crc = crc
+        return self.finish_member()
 
     def end_segment(self):
         self.end_file()

@@ -174,7 +174,9 @@ struct aufs_unpack_entry {
     char kind;
     uint32_t mode;
     int64_t uid, gid, mtime;
+    uint64_t crc; /* of a file's data, when the run wants CRCs */
 };
+
 
 struct aufs_unpack_run {
     /* in */
@@ -185,6 +187,7 @@ struct aufs_unpack_run {
     const unsigned char *prefix;
     size_t prefix_length;
     size_t max_file_size;    /* bigger files stop the run (the Python path streams them) */
+    int want_crc;            /* the CRC-64 of each file's data, for tar-split */
     struct aufs_unpack_entry *entries;
     size_t capacity;
     /* in and out: the end of the last member's data, and its padding still to skip */

@@ -159,15 +159,27 @@ static int examine(const struct aufs_unpack_run *run, size_t position,
     return AUFS_UNPACK_DONE;
 }
 
+/* Creates one examined member: 0 or -errno; and the CRC-64 of a file's data when the run
+ * wants it, while the data is still in the cache. */
+static int create_entry(const struct aufs_unpack_run *run, struct aufs_unpack_entry *entry)
+{
+    char base[256];
+    memcpy(base, entry->name + entry->directory_length, entry->base_length);
+    base[entry->base_length] = 0;
+    int rc = create_member(run, entry, base);
+    if (rc == 0 && run->want_crc && entry->kind == '0')
+        entry->crc = aufs_crc64_iso(0, run->buffer + entry->data_offset, (size_t)entry->size);
+    return rc;
+}
+
 int aufs_unpack_members(struct aufs_unpack_run *run)
 {
     size_t position = run->position + run->padding;
     run->count = 0;
     run->error = 0;
-    if (position > run->end) {
-        memset(&run->stop, 0, sizeof run->stop);
+    memset(&run->stop, 0, sizeof run->stop);
+    if (position > run->end)
         return run->status = AUFS_UNPACK_NEED_DATA;
-    }
     while (run->count < run->capacity) {
         struct aufs_unpack_entry *entry = &run->entries[run->count];
         size_t end = 0;
@@ -176,10 +188,7 @@ int aufs_unpack_members(struct aufs_unpack_run *run)
             run->stop = *entry;
             return run->status = status;
         }
-        char base[256];
-        memcpy(base, entry->name + entry->directory_length, entry->base_length);
-        base[entry->base_length] = 0;
-        int rc = create_member(run, entry, base);
+        int rc = create_entry(run, entry);
         if (rc == -EEXIST) { /* nothing was made: the Python path replaces what is there */
             run->stop = *entry;
             return run->status = AUFS_UNPACK_OTHER;
@@ -194,6 +203,5 @@ int aufs_unpack_members(struct aufs_unpack_run *run)
         run->padding = entry->padding;
         position = end + entry->padding;
     }
-    memset(&run->stop, 0, sizeof run->stop);
     return run->status = AUFS_UNPACK_FULL;
 }

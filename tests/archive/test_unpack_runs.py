@@ -111,11 +111,11 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 def unpack(data: bytes, target: Path, mode: extract.WhiteoutMode, runs: bool,
-           step: int | None) -> tuple[object, ...]:
+           step: int | None, hash_stream: bool) -> tuple[object, ...]:
     """What extracting data makes: the tree, the result and the tar-split record, or the
     error's type and message."""
     target.mkdir()
-    recorder = TarSplitRecorder()
+    recorder = TarSplitRecorder(hash_stream=hash_stream)
     saved = extract.UNPACK_RUNS
     extract.UNPACK_RUNS = runs
     stream = Trickle(data, step) if step else io.BytesIO(data)
@@ -128,7 +128,7 @@ def unpack(data: bytes, target: Path, mode: extract.WhiteoutMode, runs: bool,
         extract.UNPACK_RUNS = saved
         recorder.close()
     record = gzip.decompress(recorder.finish())
-    return snapshot(target), result, record, recorder.unusable
+    return snapshot(target), result, record, recorder.unusable, recorder.diff_id
 
 
 layers = st.lists(members(), max_size=14)
@@ -138,22 +138,23 @@ formats = st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR
 @settings(max_examples=250, deadline=None)
 @given(layers, formats, st.sampled_from([extract.WhiteoutMode.LITERAL,
                                           extract.WhiteoutMode.OVERLAY]),
-       st.sampled_from([None, None, 333, 1500]))
+       st.sampled_from([None, None, 333, 1500]), st.booleans())
 @example([member("a/f", data=b"1"), member("a/f", data=b"22")], tarfile.PAX_FORMAT,
-         extract.WhiteoutMode.LITERAL, None)  # a duplicate: EEXIST hands it to Python
+         extract.WhiteoutMode.LITERAL, None, False)  # a duplicate: EEXIST hands it to Python
 @example([member("./a/d", tarfile.DIRTYPE), member("./a/d/f", data=b"x" * 600_000),
           member("./a/d/g", data=b"y")], tarfile.GNU_FORMAT, extract.WhiteoutMode.LITERAL,
-         None)  # bigger than half the buffer: streamed by the Python path
+         None, True)  # bigger than half the buffer: streamed by the Python path
 def test_runs_make_what_the_entry_by_entry_path_makes(
         tmp_path_factory: pytest.TempPathFactory, chosen: list[tuple[tarfile.TarInfo, bytes]],
-        tar_format: int, mode: extract.WhiteoutMode, step: int | None) -> None:
+        tar_format: int, mode: extract.WhiteoutMode, step: int | None,
+        hash_stream: bool) -> None:
     try:
         data = archive(chosen, tar_format)
     except ValueError:
         return  # a name or id this format cannot hold
     base = tmp_path_factory.mktemp("runs")
-    with_runs = unpack(data, base / "runs", mode, True, step)
-    without = unpack(data, base / "entries", mode, False, step)
+    with_runs = unpack(data, base / "runs", mode, True, step, hash_stream)
+    without = unpack(data, base / "entries", mode, False, step, hash_stream)
     assert with_runs == without
 
 
