@@ -390,7 +390,7 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
                     collector.add_member(
                         PyUnicode_DecodeFSDefaultAndSize(<const char *>entry.name,
                                                          entry.name_length),
-                        entry.size, entry.crc, buffer, mark, entry.data_offset)
+                        entry.size, entry.crc, buffer, &data[0], mark, entry.data_offset)
                     mark = entry.data_offset + entry.size
                 elif recorder is not None:
                     recorder.begin_file(os.fsdecode(entry.name[:entry.name_length]),
@@ -1138,18 +1138,18 @@ cdef class TarSplitCollector:
         return 0
 
     cdef int add_member(self, str name, Py_ssize_t size, uint64_t crc, object buffer,
-                        Py_ssize_t raw_start, Py_ssize_t data_start) except -1:
+                        const unsigned char *data, Py_ssize_t raw_start,
+                        Py_ssize_t data_start) except -1:
         """begin_file(name, size, False, buffer[raw_start:data_start]) then end_file(the
         size bytes of data that follow), for a member whose data's CRC-64 is known already
-        (unpack_run's, made while it wrote the file): no object made in the common case."""
-        cdef const unsigned char[::1] data
+        (unpack_run's, made while it wrote the file; data is the buffer's bytes): no object
+        made in the common case."""
         if self.hash_update is not None or self.file_name is not None or self.pending_size:
             self.begin(name, size, False, buffer[raw_start:data_start])
             if self.hash_update is not None and size:
                 self.hash_update(buffer[data_start:data_start + size])
         else:  # begin()'s common case, from the buffer
             if data_start > raw_start:
-                data = buffer
                 self.keep(data_start - raw_start)
                 self.pack_bytes(2, <const char *>&data[raw_start], data_start - raw_start)
             self.note_name(name)
