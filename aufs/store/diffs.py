@@ -212,8 +212,9 @@ class LayerDiffs:
     def _verify(self, branch: str, record: TarSplitRecord) -> None:
         """Raises TarSplitError unless the record rebuilds exactly its diff_id from branch:
         nothing in branch changed since the record was written (no entry's ctime is later,
-        which catches new, removed, rewritten and re-moded entries alike), and the rebuilt
-        tar hashes to the diff_id."""
+        which catches new, removed, rewritten and re-moded entries alike), and each file
+        still has the size and CRC-64 the record keeps (a pass at memory speed: the sha256
+        of the rebuilt tar is checked as it is written, by whoever writes it)."""
         recorded_at = os.stat(record.tar_split).st_mtime_ns
         if os.stat(branch).st_mtime_ns > recorded_at:
             raise TarSplitError("entries were added to or removed from the layer's top")
@@ -231,9 +232,8 @@ class LayerDiffs:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
         with gzip.open(record.tar_split, "rb") as journal, FileGetter(branch) as files:
-            digest = replay(read_entries(journal), files)  # type: ignore[arg-type]
-        if digest != record.diff_id:
-            raise TarSplitError(f"the files rebuild {digest[:19]}, not {record.diff_id[:19]}")
+            replay(read_entries(journal), files, check_crc=True,  # type: ignore[arg-type]
+                   hashing=False)
 
     def _write_recorded(self, layer_id: str, branch: str, record: TarSplitRecord, out: int,
                         options: ExportOptions) -> None:
