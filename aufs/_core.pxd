@@ -69,6 +69,14 @@ cdef extern from "aufs_core.h" nogil:
     int aufs_io_error(aufs_io_queue *queue, char *name, size_t name_size)
     int aufs_io_close(aufs_io_queue *queue, char *name, size_t name_size)
 
+    struct aufs_tar_tree_options:
+        int convert_whiteouts
+        int skip_aufs_metadata
+        size_t open_levels
+
+    int aufs_tar_tree(int root_fd, int out_fd, const aufs_tar_tree_options *options,
+                      int *io_failed, char *error_name, size_t error_name_size)
+
     struct aufs_tar_header:
         unsigned char name[256]
         size_t name_length

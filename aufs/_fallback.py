@@ -613,6 +613,17 @@ class IOQueue:
         self.closed = True
 
 
+def tar_tree(root_fd: int, out_fd: int, convert_whiteouts: bool, skip_aufs_metadata: bool,
+             open_levels: int) -> OSError | None:
+    """The native tree walker of csrc/tartree.c: the tar of the tree below root_fd, written
+    to out_fd; None, or the OSError of a failed write (a failure to read the tree is raised).
+
+    Its readable twin is walk_tree in aufs/archive/export.py, one floor up because it builds
+    headers with aufs.archive.format; write_tree calls it when the extension is missing, so
+    this one is never called."""
+    raise NotImplementedError("tar_tree is native only: use aufs.archive.export.walk_tree")
+
+
 def _run_and_close(job: Callable[[], None], fd: int, name: str) -> None:
     failure: OSError | None = None
     try:

@@ -50,6 +50,7 @@ open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on bo
 parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
+tar_tree = _chosen.tar_tree
 TarSplitCollector = _chosen.TarSplitCollector
 tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
@@ -74,6 +75,7 @@ __all__ = [
     "parse_tar_header",
     "parse_tar_number",
     "renameat2",
+    "tar_tree",
     "tarsplit_lines",
     "unmount",
     "unshare",

@@ -8,6 +8,7 @@ from aufs._fallback import TarSplitCollector as TarSplitCollector
 from aufs._fallback import crc64_iso as crc64_iso
 from aufs._fallback import finish_file as finish_file
 from aufs._fallback import parse_tar_number as parse_tar_number
+from aufs._fallback import tar_tree as tar_tree
 from aufs._fallback import tarsplit_lines as tarsplit_lines
 
 IMPLEMENTATION: str

@@ -395,6 +395,26 @@ cdef class IOQueue:
             raise _io_error(-rc, name)
 
 
+def tar_tree(int root_fd, int out_fd, bint convert_whiteouts, bint skip_aufs_metadata,
+             size_t open_levels):
+    """The tar of the tree below root_fd, written to out_fd. See aufs/_fallback.py."""
+    cdef core.aufs_tar_tree_options options
+    cdef int io_failed = 0
+    cdef int rc
+    cdef char name[4096]
+    options.convert_whiteouts = convert_whiteouts
+    options.skip_aufs_metadata = skip_aufs_metadata
+    options.open_levels = open_levels
+    with nogil:
+        rc = core.aufs_tar_tree(root_fd, out_fd, &options, &io_failed, name, sizeof(name))
+    if rc == 0:
+        return None
+    error = OSError(-rc, os.strerror(-rc), os.fsdecode(<bytes>name))
+    if io_failed:
+        return error
+    raise error
+
+
 cdef object _io_error(int error, const char *name):
     return OSError(error, os.strerror(error), os.fsdecode(<bytes>name))
 

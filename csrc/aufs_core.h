@@ -186,6 +186,23 @@ void aufs_name_set_free(struct aufs_name_set *set);
 int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                         char *error_path, size_t error_path_size);
 
+/* ---- tartree.c: the tar of a directory tree ---------------------------------------------- */
+
+struct aufs_tar_tree_options {
+    int convert_whiteouts;  /* overlay's 0/0 devices and opaque xattrs become AUFS whiteouts */
+    int skip_aufs_metadata; /* leave out the top-level .wh..wh.* but .wh..wh..opq */
+    size_t open_levels;     /* directory fds kept open below the root */
+};
+
+/*
+ * Writes the tar of everything below `root_fd` (which stays open) to `out_fd`, as
+ * aufs.archive.export.write_tree does with an identity id map: same entries, same bytes.
+ * On failure, `error_name` gets the entry's name and `*io_failed` tells a failed write of the
+ * archive (or of a file's data) from a failure to read the tree.
+ */
+int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *options,
+                  int *io_failed, char *error_name, size_t error_name_size);
+
 #ifdef __cplusplus
 }
 #endif

@@ -220,7 +220,25 @@ def _reopen(stack: list[_Level]) -> int:
 
 def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
     """Archives the tree at root (not root itself), in lexical order like Go's Walk. root is
-    a path, or the fd of a directory (the caller keeps it)."""
+    a path, or the fd of a directory (the caller keeps it).
+
+    Without id maps the native walker (csrc/tartree.c) writes the same bytes without the GIL;
+    walk_tree below is its readable version, and the one that maps ids."""
+    if native.IMPLEMENTATION == "native" and options.id_mapping.is_identity:
+        root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
+        try:
+            failure = native.tar_tree(root_fd, out_fd, options.convert_whiteouts,
+                                      options.skip_aufs_metadata, OPEN_LEVELS)
+        finally:
+            os.close(root_fd)
+        if failure is not None:
+            raise _io_failure(failure) from failure
+        return
+    walk_tree(root, out_fd, options)
+
+
+def walk_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
+    """write_tree in Python, one entry at a time."""
     writer = TarWriter(out_fd, options)
     root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
     stack = [_Level(root_fd, "", iter(_sorted_entries(root_fd)))]
@@ -240,8 +258,8 @@ def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
             if (options.skip_aufs_metadata and not prefix
                     and base.startswith(whiteouts.META_PREFIX) and base != whiteouts.OPAQUE_MARKER):
                 continue
-            try:
-                info = entry.stat(follow_symlinks=False)
+            try:  # not entry.stat(): it keeps the fd of the listing, which may be closed
+                info = os.lstat(base, dir_fd=parent_fd)
             except FileNotFoundError:
                 continue
             if options.convert_whiteouts and whiteouts.is_overlay_whiteout(info):

@@ -1,0 +1,838 @@
+/*
+ * The tar of a directory tree, walked in C: the native twin of write_tree's walker in
+ * aufs/archive/export.py (its readable version), for stores without id maps.
+ *
+ * One walk, no recursion: a stack of levels, each the sorted names of one directory (read with
+ * getdents64, sorted by their bytes). Headers are built here and handed, with each regular
+ * file's open fd, to the ordered I/O queue of ioqueue.c, whose thread writes them and copies the
+ * data with sendfile. Only the deepest AUFS_TAR_OPEN_LEVELS directories (and the root) stay
+ * open; a shallower one is opened again, one component at a time, when the walk comes back.
+ */
+#define _GNU_SOURCE
+#include "aufs_core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <linux/limits.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+#define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+#define FLUSH_AT (64 * 1024)
+#define WHITEOUT_PREFIX ".wh."
+#define META_PREFIX ".wh..wh."
+#define OPAQUE_MARKER ".wh..wh..opq"
+
+/* ---- a growing byte buffer ------------------------------------------------------------------ */
+
+struct bytes {
+    char *data;
+    size_t size;
+    size_t capacity;
+};
+
+static int reserve(struct bytes *buffer, size_t more)
+{
+    if (buffer->size + more <= buffer->capacity)
+        return 0;
+    size_t capacity = buffer->capacity ? buffer->capacity : 4096;
+    while (capacity < buffer->size + more)
+        capacity *= 2;
+    char *data = realloc(buffer->data, capacity);
+    if (data == NULL)
+        return -ENOMEM;
+    buffer->data = data;
+    buffer->capacity = capacity;
+    return 0;
+}
+
+static int append(struct bytes *buffer, const void *data, size_t size)
+{
+    int rc = reserve(buffer, size);
+    if (rc == 0 && size > 0) {
+        memcpy(buffer->data + buffer->size, data, size);
+        buffer->size += size;
+    }
+    return rc;
+}
+
+static int append_zeros(struct bytes *buffer, size_t size)
+{
+    int rc = reserve(buffer, size);
+    if (rc == 0) {
+        memset(buffer->data + buffer->size, 0, size);
+        buffer->size += size;
+    }
+    return rc;
+}
+
+static int starts_with(const char *text, const char *prefix)
+{
+    return strncmp(text, prefix, strlen(prefix)) == 0;
+}
+
+static int is_ascii(const char *text, size_t size)
+{
+    for (size_t i = 0; i < size; i++)
+        if ((unsigned char)text[i] >= 0x80)
+            return 0;
+    return 1;
+}
+
+/* ---- headers (format.build_header) ------------------------------------------------------------ */
+
+struct xattr {
+    const char *name;
+    const char *value;
+    size_t value_size;
+};
+
+struct entry_header {
+    const char *name;
+    size_t name_size;
+    char typeflag;
+    uint32_t mode;
+    uint64_t uid, gid, size;
+    int64_t mtime; /* seconds */
+    const char *linkname;
+    size_t linkname_size;
+    uint64_t devmajor, devminor;
+    const struct xattr *xattrs; /* sorted by name */
+    size_t xattr_count;
+};
+
+/* "<length> <key>=<value>\n", the length counting itself. */
+static int pax_record(struct bytes *out, const char *key, const char *value, size_t value_size)
+{
+    size_t body = 1 + strlen(key) + 1 + value_size + 1;
+    size_t length = body + 1;
+    char digits[24];
+    for (;;) {
+        size_t width = (size_t)snprintf(digits, sizeof digits, "%zu", length);
+        if (width + body == length)
+            break;
+        length = width + body;
+    }
+    int rc = append(out, digits, strlen(digits));
+    if (rc == 0)
+        rc = append(out, " ", 1);
+    if (rc == 0)
+        rc = append(out, key, strlen(key));
+    if (rc == 0)
+        rc = append(out, "=", 1);
+    if (rc == 0)
+        rc = append(out, value, value_size);
+    if (rc == 0)
+        rc = append(out, "\n", 1);
+    return rc;
+}
+
+static int pax_number(struct bytes *out, const char *key, long long value)
+{
+    char digits[24];
+    int width = snprintf(digits, sizeof digits, "%lld", value);
+    return pax_record(out, key, digits, (size_t)width);
+}
+
+/* The ustar (prefix, name) cut of a name longer than 100 bytes: the prefix's length, or -1. */
+static ssize_t ustar_cut(const char *name, size_t size)
+{
+    size_t limit = size < 156 ? size : 156;
+    for (size_t cut = limit; cut-- > 1;)
+        if (name[cut] == '/' && size - cut - 1 <= 100)
+            return (ssize_t)cut;
+    return -1;
+}
+
+static void put_octal(char *field, size_t width, uint64_t value)
+{
+    snprintf(field, width, "%0*llo", (int)(width - 1), (unsigned long long)value);
+}
+
+static int ustar_block(struct bytes *out, const struct entry_header *header, const char *prefix,
+                       size_t prefix_size, const char *name, size_t name_size,
+                       const char *linkname, size_t linkname_size, uint64_t uid, uint64_t gid,
+                       uint64_t size, uint64_t mtime)
+{
+    int rc = reserve(out, 512);
+    if (rc < 0)
+        return rc;
+    unsigned char *block = (unsigned char *)out->data + out->size;
+    memset(block, 0, 512);
+    memcpy(block, name, name_size);
+    put_octal((char *)block + 100, 8, header->mode & 07777);
+    put_octal((char *)block + 108, 8, uid);
+    put_octal((char *)block + 116, 8, gid);
+    put_octal((char *)block + 124, 12, size);
+    put_octal((char *)block + 136, 12, mtime);
+    memset(block + 148, ' ', 8);
+    block[156] = (unsigned char)header->typeflag;
+    memcpy(block + 157, linkname, linkname_size);
+    memcpy(block + 257, "ustar\0" "00", 8);
+    put_octal((char *)block + 329, 8, header->devmajor);
+    put_octal((char *)block + 337, 8, header->devminor);
+    memcpy(block + 345, prefix, prefix_size);
+    unsigned sum = 0;
+    for (int i = 0; i < 512; i++)
+        sum += block[i];
+    snprintf((char *)block + 148, 8, "%06o", sum);
+    block[155] = ' ';
+    out->size += 512;
+    return 0;
+}
+
+#define OCTAL8_LIMIT 2097152ULL          /* 8**7 */
+#define OCTAL12_LIMIT 8589934592ULL      /* 8**11 */
+
+static int build_header(struct bytes *out, const struct entry_header *header, struct bytes *pax)
+{
+    pax->size = 0;
+    int rc = 0;
+    const char *prefix = "", *name = header->name;
+    size_t prefix_size = 0, name_size = header->name_size;
+    ssize_t cut = -1;
+    if (is_ascii(header->name, header->name_size))
+        cut = header->name_size <= 100 ? 0 : ustar_cut(header->name, header->name_size);
+    if (cut < 0) {
+        rc = pax_record(pax, "path", header->name, header->name_size);
+        name_size = name_size < 100 ? name_size : 100;
+    } else if (cut > 0) {
+        prefix = header->name;
+        prefix_size = (size_t)cut;
+        name = header->name + cut + 1;
+        name_size = header->name_size - (size_t)cut - 1;
+    }
+    size_t linkname_size = header->linkname_size;
+    if (rc == 0 && (linkname_size > 100 || !is_ascii(header->linkname, linkname_size))) {
+        rc = pax_record(pax, "linkpath", header->linkname, linkname_size);
+        linkname_size = linkname_size < 100 ? linkname_size : 100;
+    }
+    uint64_t uid = header->uid, gid = header->gid, size = header->size, mtime = 0;
+    if (rc == 0 && uid >= OCTAL8_LIMIT) {
+        rc = pax_number(pax, "uid", (long long)uid);
+        uid = 0;
+    }
+    if (rc == 0 && gid >= OCTAL8_LIMIT) {
+        rc = pax_number(pax, "gid", (long long)gid);
+        gid = 0;
+    }
+    if (rc == 0 && size >= OCTAL12_LIMIT) {
+        rc = pax_number(pax, "size", (long long)size);
+        size = 0;
+    }
+    if (header->mtime >= 0 && (uint64_t)header->mtime < OCTAL12_LIMIT)
+        mtime = (uint64_t)header->mtime;
+    else if (rc == 0)
+        rc = pax_number(pax, "mtime", (long long)header->mtime);
+    char key[16 + XATTR_NAME_MAX];
+    for (size_t i = 0; rc == 0 && i < header->xattr_count; i++) {
+        snprintf(key, sizeof key, "SCHILY.xattr.%s", header->xattrs[i].name);
+        rc = pax_record(pax, key, header->xattrs[i].value, header->xattrs[i].value_size);
+    }
+    if (rc < 0)
+        return rc;
+    if (pax->size > 0) {
+        struct entry_header pax_header = {.name = "PaxHeader", .name_size = 9, .typeflag = 'x',
+                                          .mode = 0644, .size = pax->size, .linkname = ""};
+        rc = ustar_block(out, &pax_header, "", 0, "PaxHeader", 9, "", 0, 0, 0, pax->size, 0);
+        if (rc == 0)
+            rc = append(out, pax->data, pax->size);
+        if (rc == 0)
+            rc = append_zeros(out, -pax->size % 512);
+        if (rc < 0)
+            return rc;
+    }
+    return ustar_block(out, header, prefix, prefix_size, name, name_size, header->linkname,
+                       linkname_size, uid, gid, size, mtime);
+}
+
+/* ---- hardlinks: (st_dev, st_ino) -> the first name archived ------------------------------------ */
+
+struct link_slot {
+    uint64_t device, inode;
+    char *name; /* NULL: empty */
+};
+
+struct link_map {
+    struct link_slot *slots;
+    size_t capacity; /* a power of two, or 0 */
+    size_t count;
+};
+
+static size_t link_hash(uint64_t device, uint64_t inode)
+{
+    uint64_t x = inode * 0x9e3779b97f4a7c15ULL ^ device;
+    x ^= x >> 31;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    return (size_t)(x ^ (x >> 29));
+}
+
+static struct link_slot *link_find(struct link_map *map, uint64_t device, uint64_t inode)
+{
+    size_t mask = map->capacity - 1;
+    for (size_t i = link_hash(device, inode) & mask;; i = (i + 1) & mask) {
+        struct link_slot *slot = &map->slots[i];
+        if (slot->name == NULL || (slot->device == device && slot->inode == inode))
+            return slot;
+    }
+}
+
+static int link_grow(struct link_map *map)
+{
+    size_t capacity = map->capacity ? map->capacity * 2 : 64;
+    struct link_slot *old = map->slots;
+    size_t old_capacity = map->capacity;
+    map->slots = calloc(capacity, sizeof *map->slots);
+    if (map->slots == NULL) {
+        map->slots = old;
+        return -ENOMEM;
+    }
+    map->capacity = capacity;
+    for (size_t i = 0; i < old_capacity; i++)
+        if (old[i].name != NULL)
+            *link_find(map, old[i].device, old[i].inode) = old[i];
+    free(old);
+    return 0;
+}
+
+static void link_free(struct link_map *map)
+{
+    for (size_t i = 0; i < map->capacity; i++)
+        free(map->slots[i].name);
+    free(map->slots);
+}
+
+/* ---- directory listings ------------------------------------------------------------------------ */
+
+struct linux_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+struct level {
+    int fd;         /* -1 while closed to save fds */
+    char *prefix;   /* the directory's name in the archive, with a slash ("" at the root) */
+    size_t prefix_size;
+    char *names;    /* the entries' names, NUL-terminated, one after another */
+    char **sorted;  /* pointers into names, sorted by their bytes */
+    size_t count;
+    size_t next;
+};
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int list_directory(int fd, struct level *level)
+{
+    struct bytes names = {0};
+    char buffer[32768];
+    size_t count = 0;
+    int rc = 0;
+    if (lseek(fd, 0, SEEK_SET) < 0)
+        return -errno;
+    for (;;) {
+        long got = syscall(SYS_getdents64, fd, buffer, sizeof buffer);
+        if (got < 0) {
+            rc = -errno;
+            break;
+        }
+        if (got == 0)
+            break;
+        for (long position = 0; position < got && rc == 0;) {
+            struct linux_dirent64 *entry = (struct linux_dirent64 *)(buffer + position);
+            position += entry->d_reclen;
+            const char *name = entry->d_name;
+            if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+                continue;
+            rc = append(&names, name, strlen(name) + 1);
+            count++;
+        }
+        if (rc < 0)
+            break;
+    }
+    char **sorted = rc == 0 ? malloc((count ? count : 1) * sizeof *sorted) : NULL;
+    if (rc == 0 && sorted == NULL)
+        rc = -ENOMEM;
+    if (rc < 0) {
+        free(names.data);
+        return rc;
+    }
+    char *name = names.data;
+    for (size_t i = 0; i < count; i++) {
+        sorted[i] = name;
+        name += strlen(name) + 1;
+    }
+    qsort(sorted, count, sizeof *sorted, compare_names);
+    level->names = names.data;
+    level->sorted = sorted;
+    level->count = count;
+    level->next = 0;
+    return 0;
+}
+
+static int has_name(const struct level *level, const char *name)
+{
+    return bsearch(&name, level->sorted, level->count, sizeof *level->sorted,
+                   compare_names) != NULL;
+}
+
+/* ---- xattrs ---------------------------------------------------------------------------------- */
+
+static int is_internal_xattr(const char *name)
+{
+    return starts_with(name, "trusted.overlay.") || starts_with(name, "user.overlay.") ||
+           starts_with(name, "user.fuseoverlayfs.") || strcmp(name, "security.selinux") == 0;
+}
+
+static int compare_xattrs(const void *a, const void *b)
+{
+    return strcmp(((const struct xattr *)a)->name, ((const struct xattr *)b)->name);
+}
+
+struct xattr_list {
+    struct bytes names;
+    struct bytes values;
+    struct xattr *items;
+    size_t count, capacity;
+};
+
+/* The xattrs of fd that belong to the content, sorted by name. */
+static int read_xattrs(int fd, struct xattr_list *list)
+{
+    list->count = 0;
+    list->values.size = 0;
+    ssize_t size;
+    for (;;) {
+        size = flistxattr(fd, NULL, 0);
+        if (size < 0) {
+            if (errno == ENOTSUP || errno == EOPNOTSUPP)
+                return 0;
+            return -errno;
+        }
+        if (size == 0)
+            return 0;
+        list->names.size = 0;
+        int rc = reserve(&list->names, (size_t)size);
+        if (rc < 0)
+            return rc;
+        size = flistxattr(fd, list->names.data, (size_t)size);
+        if (size >= 0)
+            break;
+        if (errno != ERANGE)
+            return -errno;
+    }
+    /* first the values (their buffer may move), then the pointers into it */
+    size_t offsets[256], sizes[256];
+    const char *names[256];
+    size_t wanted = 0;
+    for (ssize_t position = 0; position < size;) {
+        const char *name = list->names.data + position;
+        position += (ssize_t)strlen(name) + 1;
+        if (*name == '\0' || is_internal_xattr(name))
+            continue;
+        if (wanted == 256)
+            return -E2BIG;
+        for (;;) {
+            ssize_t length = fgetxattr(fd, name, NULL, 0);
+            if (length < 0)
+                return -errno;
+            int rc = reserve(&list->values, (size_t)length + 1);
+            if (rc < 0)
+                return rc;
+            length = fgetxattr(fd, name, list->values.data + list->values.size,
+                               (size_t)length + 1);
+            if (length < 0 && errno == ERANGE)
+                continue;
+            if (length < 0)
+                return -errno;
+            names[wanted] = name;
+            offsets[wanted] = list->values.size;
+            sizes[wanted] = (size_t)length;
+            list->values.size += (size_t)length;
+            wanted++;
+            break;
+        }
+    }
+    if (wanted > list->capacity) {
+        struct xattr *items = realloc(list->items, wanted * sizeof *items);
+        if (items == NULL)
+            return -ENOMEM;
+        list->items = items;
+        list->capacity = wanted;
+    }
+    for (size_t i = 0; i < wanted; i++)
+        list->items[i] = (struct xattr){names[i], list->values.data + offsets[i], sizes[i]};
+    list->count = wanted;
+    qsort(list->items, wanted, sizeof *list->items, compare_xattrs);
+    return 0;
+}
+
+static int is_opaque(int fd)
+{
+    static const char *const marks[] = {"trusted.overlay.opaque", "user.fuseoverlayfs.opaque"};
+    for (size_t i = 0; i < 2; i++) {
+        char value[2];
+        if (fgetxattr(fd, marks[i], value, sizeof value) == 1 && value[0] == 'y')
+            return 1;
+    }
+    return 0;
+}
+
+/* ---- the walk ------------------------------------------------------------------------------ */
+
+struct tar_walk {
+    const struct aufs_tar_tree_options *options;
+    struct aufs_io_queue *queue;
+    int out_fd;
+    struct bytes pending; /* headers (after the last file's padding) not yet queued */
+    struct bytes pax;
+    struct bytes name;      /* the current entry's name in the archive */
+    struct bytes linkname;
+    struct xattr_list xattrs;
+    struct link_map links;
+    struct level *stack;
+    size_t depth, stack_capacity;
+    int io_failed;
+    char *error_name;
+    size_t error_name_size;
+};
+
+static int fail(struct tar_walk *walk, int rc, const char *name)
+{
+    if (walk->error_name != NULL && walk->error_name_size > 0)
+        snprintf(walk->error_name, walk->error_name_size, "%s", name);
+    return rc;
+}
+
+static int submit(struct tar_walk *walk, int fd, uint64_t size, const char *name)
+{
+    struct aufs_io_request request = {
+        .fd = fd, .out_fd = walk->out_fd, .bytes = (const unsigned char *)walk->pending.data,
+        .bytes_size = walk->pending.size, .copy_size = size, .close_fd = fd >= 0, .name = name};
+    int rc = aufs_io_submit(walk->queue, &request);
+    walk->pending.size = 0;
+    if (rc < 0) {
+        walk->io_failed = 1;
+        return rc;
+    }
+    return append_zeros(&walk->pending, -size % 512); /* owed after the data */
+}
+
+static int emit(struct tar_walk *walk, const struct entry_header *header)
+{
+    int rc = build_header(&walk->pending, header, &walk->pax);
+    if (rc == 0 && walk->pending.size >= FLUSH_AT)
+        rc = submit(walk, -1, 0, "");
+    return rc;
+}
+
+/* Sets walk->name to prefix + base (+ suffix). */
+static int set_name(struct tar_walk *walk, const struct level *level, const char *insert,
+                    const char *base, const char *suffix)
+{
+    walk->name.size = 0;
+    int rc = append(&walk->name, level->prefix, level->prefix_size);
+    if (rc == 0)
+        rc = append(&walk->name, insert, strlen(insert));
+    if (rc == 0)
+        rc = append(&walk->name, base, strlen(base));
+    if (rc == 0)
+        rc = append(&walk->name, suffix, strlen(suffix) + 1);
+    if (rc == 0)
+        walk->name.size--; /* the NUL stays after the name */
+    return rc;
+}
+
+static int read_link(struct tar_walk *walk, int parent_fd, const char *base, size_t hint)
+{
+    size_t capacity = hint + 2 > 256 ? hint + 2 : 256;
+    for (;;) {
+        walk->linkname.size = 0;
+        int rc = reserve(&walk->linkname, capacity);
+        if (rc < 0)
+            return rc;
+        ssize_t size = readlinkat(parent_fd, base, walk->linkname.data, capacity);
+        if (size < 0)
+            return -errno;
+        if ((size_t)size < capacity) {
+            walk->linkname.size = (size_t)size;
+            return 0;
+        }
+        capacity *= 2;
+    }
+}
+
+/* One entry; a directory's open fd (for its listing) is left in *directory_fd. */
+static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
+                     const struct stat *info, int *directory_fd)
+{
+    const char *name = walk->name.data;
+    struct entry_header header = {
+        .name = name, .name_size = walk->name.size, .typeflag = '0',
+        .mode = info->st_mode & 07777, .uid = info->st_uid, .gid = info->st_gid,
+        .mtime = (int64_t)info->st_mtim.tv_sec, .linkname = ""};
+    mode_t mode = info->st_mode;
+    int rc = 0;
+    if (S_ISDIR(mode)) {
+        header.typeflag = '5';
+        rc = append(&walk->name, "/", 2);
+        if (rc < 0)
+            return rc;
+        walk->name.size--;
+        name = header.name = walk->name.data;
+        header.name_size = walk->name.size;
+    } else if (S_ISLNK(mode)) {
+        header.typeflag = '2';
+        rc = read_link(walk, parent_fd, base, (size_t)info->st_size);
+        if (rc < 0)
+            return fail(walk, rc, name);
+        header.linkname = walk->linkname.data;
+        header.linkname_size = walk->linkname.size;
+    } else if (S_ISCHR(mode) || S_ISBLK(mode)) {
+        header.typeflag = S_ISCHR(mode) ? '3' : '4';
+        header.devmajor = major(info->st_rdev);
+        header.devminor = minor(info->st_rdev);
+    } else if (S_ISFIFO(mode)) {
+        header.typeflag = '6';
+    } else if (S_ISSOCK(mode)) {
+        return 0; /* tar cannot hold it */
+    }
+    if (!S_ISDIR(mode) && info->st_nlink > 1 && !starts_with(base, WHITEOUT_PREFIX)) {
+        if ((walk->links.count + 1) * 2 > walk->links.capacity && (rc = link_grow(&walk->links)))
+            return rc;
+        struct link_slot *slot = link_find(&walk->links, info->st_dev, info->st_ino);
+        if (slot->name != NULL) {
+            header.typeflag = '1';
+            header.linkname = slot->name;
+            header.linkname_size = strlen(slot->name);
+            return emit(walk, &header);
+        }
+        *slot = (struct link_slot){info->st_dev, info->st_ino, strdup(name)};
+        if (slot->name == NULL)
+            return -ENOMEM;
+        walk->links.count++;
+    }
+    if (S_ISDIR(mode)) {
+        int fd = openat(parent_fd, base, DIR_FLAGS);
+        if (fd < 0)
+            return fail(walk, -errno, name);
+        rc = read_xattrs(fd, &walk->xattrs);
+        if (rc < 0) {
+            close(fd);
+            return fail(walk, rc, name);
+        }
+        header.xattrs = walk->xattrs.items;
+        header.xattr_count = walk->xattrs.count;
+        rc = emit(walk, &header);
+        if (rc < 0) {
+            close(fd);
+            return rc;
+        }
+        *directory_fd = fd;
+        return 0;
+    }
+    if (!S_ISREG(mode))
+        return emit(walk, &header);
+    header.size = (uint64_t)info->st_size;
+    int fd = openat(parent_fd, base, READ_FLAGS);
+    if (fd < 0)
+        return fail(walk, -errno, name);
+    rc = read_xattrs(fd, &walk->xattrs);
+    if (rc < 0) {
+        close(fd);
+        return fail(walk, rc, name);
+    }
+    header.xattrs = walk->xattrs.items;
+    header.xattr_count = walk->xattrs.count;
+    rc = build_header(&walk->pending, &header, &walk->pax);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return submit(walk, fd, header.size, name);
+}
+
+static int push_level(struct tar_walk *walk, int fd, const char *prefix, size_t prefix_size)
+{
+    if (walk->depth == walk->stack_capacity) {
+        size_t capacity = walk->stack_capacity ? walk->stack_capacity * 2 : 16;
+        struct level *stack = realloc(walk->stack, capacity * sizeof *stack);
+        if (stack == NULL)
+            return -ENOMEM;
+        walk->stack = stack;
+        walk->stack_capacity = capacity;
+    }
+    struct level *level = &walk->stack[walk->depth];
+    memset(level, 0, sizeof *level);
+    level->fd = fd;
+    level->prefix = malloc(prefix_size + 1);
+    if (level->prefix == NULL)
+        return -ENOMEM;
+    memcpy(level->prefix, prefix, prefix_size);
+    level->prefix[prefix_size] = '\0';
+    level->prefix_size = prefix_size;
+    walk->depth++;
+    int rc = list_directory(fd, level);
+    if (rc < 0)
+        return fail(walk, rc, prefix);
+    return 0;
+}
+
+static void pop_level(struct tar_walk *walk, int root_fd)
+{
+    struct level *level = &walk->stack[--walk->depth];
+    if (level->fd >= 0 && level->fd != root_fd)
+        close(level->fd);
+    free(level->prefix);
+    free(level->names);
+    free(level->sorted);
+}
+
+/* The deepest level's fd, opened again below its nearest open ancestor, stepwise. */
+static int reopen(struct tar_walk *walk)
+{
+    size_t index = walk->depth - 1;
+    while (walk->stack[index].fd < 0)
+        index--;
+    struct level *deepest = &walk->stack[walk->depth - 1];
+    int fd = dup(walk->stack[index].fd);
+    if (fd < 0)
+        return fail(walk, -errno, deepest->prefix);
+    char *path = strdup(deepest->prefix + walk->stack[index].prefix_size);
+    if (path == NULL) {
+        close(fd);
+        return -ENOMEM;
+    }
+    char *rest = path, *component;
+    while ((component = strsep(&rest, "/")) != NULL) {
+        if (*component == '\0')
+            continue;
+        int next = openat(fd, component, DIR_FLAGS);
+        int error = errno;
+        close(fd);
+        if (next < 0) {
+            free(path);
+            return fail(walk, -error, deepest->prefix);
+        }
+        fd = next;
+    }
+    free(path);
+    deepest->fd = fd;
+    return fd;
+}
+
+static int walk_tree(struct tar_walk *walk, int root_fd)
+{
+    const struct aufs_tar_tree_options *options = walk->options;
+    int rc = push_level(walk, root_fd, "", 0);
+    while (rc == 0 && walk->depth > 0) {
+        struct level *level = &walk->stack[walk->depth - 1];
+        if (level->next == level->count) {
+            pop_level(walk, root_fd);
+            continue;
+        }
+        const char *base = level->sorted[level->next++];
+        int parent_fd = level->fd >= 0 ? level->fd : reopen(walk);
+        if (parent_fd < 0)
+            return parent_fd;
+        if (options->skip_aufs_metadata && level->prefix_size == 0 &&
+            starts_with(base, META_PREFIX) && strcmp(base, OPAQUE_MARKER) != 0)
+            continue;
+        if ((rc = set_name(walk, level, "", base, "")) < 0)
+            return rc;
+        struct stat info;
+        if (fstatat(parent_fd, base, &info, AT_SYMLINK_NOFOLLOW) != 0) {
+            if (errno == ENOENT)
+                continue;
+            return fail(walk, -errno, walk->name.data);
+        }
+        if (options->convert_whiteouts && S_ISCHR(info.st_mode) && info.st_rdev == 0) {
+            if (starts_with(base, WHITEOUT_PREFIX))
+                continue; /* fuse-overlayfs' .wh..opq device */
+            if ((rc = set_name(walk, level, WHITEOUT_PREFIX, base, "")) < 0)
+                return rc;
+            struct entry_header header = {
+                .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',
+                .mode = 0600, .uid = info.st_uid, .gid = info.st_gid,
+                .mtime = (int64_t)info.st_mtim.tv_sec, .linkname = ""};
+            rc = emit(walk, &header);
+            continue;
+        }
+        int child_fd = -1;
+        if ((rc = add_entry(walk, parent_fd, base, &info, &child_fd)) < 0 || child_fd < 0)
+            continue;
+        /* walk->name is the directory's name with its slash */
+        if ((rc = push_level(walk, child_fd, walk->name.data, walk->name.size)) < 0) {
+            return rc;
+        }
+        struct level *child = &walk->stack[walk->depth - 1];
+        if (options->convert_whiteouts && is_opaque(child_fd) && !has_name(child, OPAQUE_MARKER)) {
+            if ((rc = set_name(walk, child, "", OPAQUE_MARKER, "")) < 0)
+                return rc;
+            struct entry_header header = {
+                .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',
+                .mode = info.st_mode & 0777, .uid = info.st_uid, .gid = info.st_gid,
+                .linkname = ""};
+            rc = emit(walk, &header);
+        }
+        if (walk->depth > options->open_levels + 1) { /* the root stays open: the anchor */
+            struct level *shallow = &walk->stack[walk->depth - options->open_levels - 1];
+            if (shallow->fd >= 0 && shallow->fd != root_fd) {
+                close(shallow->fd);
+                shallow->fd = -1;
+            }
+        }
+    }
+    return rc;
+}
+
+int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *options,
+                  int *io_failed, char *error_name, size_t error_name_size)
+{
+    struct tar_walk walk = {.options = options, .out_fd = out_fd, .error_name = error_name,
+                            .error_name_size = error_name_size};
+    *io_failed = 0;
+    if (error_name_size > 0)
+        error_name[0] = '\0';
+    int rc = aufs_io_open(&walk.queue, 256, 64 << 20);
+    if (rc < 0)
+        return rc;
+    rc = walk_tree(&walk, root_fd);
+    if (rc == 0)
+        rc = append_zeros(&walk.pending, 1024);
+    if (rc == 0)
+        rc = submit(&walk, -1, 0, "");
+    while (walk.depth > 0)
+        pop_level(&walk, root_fd);
+    char name[512];
+    int io_rc = aufs_io_close(walk.queue, name, sizeof name);
+    if (io_rc < 0 && (rc == 0 || walk.io_failed)) {
+        rc = io_rc;
+        walk.io_failed = 1;
+        if (error_name_size > 0)
+            snprintf(error_name, error_name_size, "%s", name);
+    }
+    *io_failed = walk.io_failed;
+    free(walk.stack);
+    free(walk.pending.data);
+    free(walk.pax.data);
+    free(walk.name.data);
+    free(walk.linkname.data);
+    free(walk.xattrs.names.data);
+    free(walk.xattrs.values.data);
+    free(walk.xattrs.items);
+    link_free(&walk.links);
+    return rc;
+}

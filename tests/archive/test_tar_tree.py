@@ -1,0 +1,166 @@
+"""The native tree walker (csrc/tartree.c) writes the very bytes of its readable twin, the
+Python walk_tree of aufs.archive.export, on generated trees of every kind of entry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aufs.archive import export
+from aufs.archive.export import ExportOptions, walk_tree, write_tree
+from conftest import IS_ROOT, NATIVE, tmpfs_mount
+
+pytestmark = pytest.mark.skipif(NATIVE is None or export.native.IMPLEMENTATION != "native",
+                                reason="the native walker is not built or not chosen")
+
+names = st.one_of(
+    st.text(alphabet=st.sampled_from("abz.-_é"), min_size=1, max_size=8),
+    st.sampled_from([".wh.gone", ".wh..wh..opq", ".wh..wh.aufs", ".wh..wh.plnk", "b" * 120,
+                     "c" * 99, "e" * 100, "d" * 101]),
+).filter(lambda name: name not in (".", ".."))
+owners = st.sampled_from([0, 1000, 65534, 2_097_151, 2_097_152, 4_000_000_000])
+times = st.sampled_from([0, 1_700_000_000_123_456_789, -1_500_000_000, 8**11 + 5, -1])
+xattrs = st.sampled_from([("user.note", b"hello"), ("user.empty", b""),
+                          ("user.overlay.origin", b"x"), ("trusted.overlay.opaque", b"y"),
+                          ("user.fuseoverlayfs.opaque", b"y"), ("trusted.note", b"\0\xff"),
+                          ("user.big", b"v" * 3000)])
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("dir"), st.integers(0, 40), names),
+        st.tuples(st.just("file"), st.integers(0, 40), names, st.integers(0, 3000)),
+        st.tuples(st.just("hardlink"), st.integers(0, 40), names, st.integers(0, 40)),
+        st.tuples(st.just("symlink"), st.integers(0, 40), names,
+                  st.sampled_from(["t", "../up", "l" * 150, "é/x", ""])),
+        st.tuples(st.just("node"), st.integers(0, 40), names,
+                  st.sampled_from(["fifo", "socket", "whiteout", "null", "block"])),
+        st.tuples(st.just("owner"), st.integers(0, 60), owners, owners),
+        st.tuples(st.just("mtime"), st.integers(0, 60), times),
+        st.tuples(st.just("xattr"), st.integers(0, 60), xattrs),
+        st.tuples(st.just("mode"), st.integers(0, 60), st.sampled_from([0o4755, 0o1777, 0])),
+    ),
+    max_size=50,
+)
+
+NODES = {"fifo": (stat.S_IFIFO, 0), "socket": (stat.S_IFSOCK, 0),
+         "whiteout": (stat.S_IFCHR, 0), "null": (stat.S_IFCHR, os.makedev(1, 3)),
+         "block": (stat.S_IFBLK, os.makedev(7, 1_000_000))}
+
+
+def build_tree(root: Path, plan: list[tuple[object, ...]]) -> None:
+    dirs, files, made = [root], [], []
+    for step in plan:
+        kind, index = step[0], int(step[1])  # type: ignore[call-overload]
+        if kind in ("owner", "mtime", "xattr", "mode"):
+            if not made:
+                continue
+            path = made[index % len(made)]
+            if kind == "owner":
+                os.chown(path, int(step[2]), int(step[3]),  # type: ignore[call-overload]
+                         follow_symlinks=False)
+            elif kind == "mtime" and not path.is_symlink():
+                os.utime(path, ns=(0, int(step[2])))  # type: ignore[call-overload]
+            elif kind == "xattr" and not path.is_symlink() and path.is_dir() | path.is_file():
+                key, value = step[2]  # type: ignore[misc]
+                os.setxattr(path, key, value)
+            elif kind == "mode" and not path.is_symlink():
+                path.chmod(int(step[2]) | (0o700 if path.is_dir() else 0))  # type: ignore[call-overload]
+            continue
+        parent = dirs[index % len(dirs)]
+        path = parent / str(step[2])
+        if os.path.lexists(path) or len(os.fsencode(path.name)) > 255:
+            continue
+        if kind == "dir":
+            path.mkdir()
+            dirs.append(path)
+        elif kind == "file":
+            path.write_bytes(b"x" * int(step[3]))  # type: ignore[call-overload]
+            files.append(path)
+        elif kind == "hardlink":
+            if not files:
+                continue
+            os.link(files[int(step[3]) % len(files)], path)  # type: ignore[call-overload]
+        elif kind == "symlink":
+            os.symlink(str(step[3]) or "x", path)
+        elif kind == "node":
+            node_type, device = NODES[str(step[3])]
+            os.mknod(path, node_type | 0o644, device)
+        made.append(path)
+
+
+def tar_of(writer: object, root: Path, scratch: Path, options: ExportOptions) -> bytes:
+    with tempfile.TemporaryFile(dir=scratch) as out:
+        writer(root, out.fileno(), options)  # type: ignore[operator]
+        out.seek(0)
+        return out.read()
+
+
+@pytest.fixture(scope="module")
+def tree_scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="aufs-tar-tree-") as base:
+        if not IS_ROOT:
+            yield Path(base)
+            return
+        with tmpfs_mount(Path(base) / "tmpfs", "512m") as mounted:
+            yield mounted
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="devices, owners and trusted.* xattrs need root")
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=steps, convert=st.booleans(), skip_metadata=st.booleans())
+def test_native_walker_writes_the_bytes_of_the_python_one(
+        tree_scratch: Path, plan: list[tuple[object, ...]], convert: bool,
+        skip_metadata: bool) -> None:
+    root = tree_scratch / "tree"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    build_tree(root, plan)
+    options = ExportOptions(convert_whiteouts=convert, skip_aufs_metadata=skip_metadata)
+    native = tar_of(write_tree, root, tree_scratch, options)
+    assert native == tar_of(walk_tree, root, tree_scratch, options)
+
+
+def test_deep_trees_reopen_their_shallow_levels(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past OPEN_LEVELS, shallow directories are closed and opened again on the way up."""
+    monkeypatch.setattr(export, "OPEN_LEVELS", 2)
+    path = tmp_path / "tree"
+    for depth in range(12):
+        path = path / f"level{depth}"
+        path.mkdir(parents=True)
+        (path / "a").write_bytes(b"a" * depth)
+        (path / "z").write_bytes(b"z")
+    native = tar_of(write_tree, tmp_path / "tree", tmp_path, ExportOptions())
+    assert native == tar_of(walk_tree, tmp_path / "tree", tmp_path, ExportOptions())
+    assert native.count(b"level11/z\0") == 1
+
+
+def test_a_closed_reader_is_a_broken_pipe(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "file").write_bytes(b"x" * 100_000)
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    try:
+        with pytest.raises(BrokenPipeError):
+            write_tree(tmp_path / "tree", write_fd, ExportOptions())  # type: ignore[arg-type]
+    finally:
+        os.close(write_fd)
+
+
+def test_an_unreadable_file_names_the_entry(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "dir" / "secret").write_bytes(b"x")
+    (tree / "dir" / "secret").chmod(0)
+    if os.access(tree / "dir" / "secret", os.R_OK):
+        pytest.skip("root reads any file")
+    with tempfile.TemporaryFile() as out, pytest.raises(PermissionError, match="dir/secret"):
+        write_tree(str(tree), out.fileno(), ExportOptions())
+
