@@ -396,9 +396,45 @@ static int is_internal_xattr(const char *name)
            starts_with(name, "user.fuseoverlayfs.") || strcmp(name, "security.selinux") == 0;
 }
 
+/* The code point at *text as Python decodes names (UTF-8 with surrogateescape): a byte that
+ * does not start a valid sequence stands for itself as U+DC80..U+DCFF. */
+static uint32_t next_code_point(const unsigned char **text)
+{
+    const unsigned char *at = *text;
+    uint32_t lead = at[0];
+    size_t length = lead < 0x80 ? 1 : lead >= 0xC2 && lead <= 0xDF ? 2
+                  : lead >= 0xE0 && lead <= 0xEF ? 3 : lead >= 0xF0 && lead <= 0xF4 ? 4 : 0;
+    uint32_t point = length == 1 ? lead : length == 2 ? lead & 0x1F
+                   : length == 3 ? lead & 0x0F : lead & 0x07;
+    for (size_t i = 1; i < length; i++) {
+        if ((at[i] & 0xC0) != 0x80) {
+            length = 0;
+            break;
+        }
+        point = point << 6 | (at[i] & 0x3F);
+    }
+    if ((length == 3 && (point < 0x800 || (point >= 0xD800 && point <= 0xDFFF))) ||
+        (length == 4 && (point < 0x10000 || point > 0x10FFFF)))
+        length = 0;
+    if (length == 0) {
+        *text = at + 1;
+        return 0xDC00 + lead;
+    }
+    *text = at + length;
+    return point;
+}
+
+/* Python's order of the decoded names: the order of their bytes when they are valid UTF-8. */
 static int compare_xattrs(const void *a, const void *b)
 {
-    return strcmp(((const struct xattr *)a)->name, ((const struct xattr *)b)->name);
+    const unsigned char *left = (const unsigned char *)((const struct xattr *)a)->name;
+    const unsigned char *right = (const unsigned char *)((const struct xattr *)b)->name;
+    while (*left != '\0' && *right != '\0') {
+        uint32_t x = next_code_point(&left), y = next_code_point(&right);
+        if (x != y)
+            return x < y ? -1 : 1;
+    }
+    return (*left != '\0') - (*right != '\0');
 }
 
 struct xattr_list {
@@ -433,19 +469,23 @@ static int read_xattrs(int fd, struct xattr_list *list)
         if (errno != ERANGE)
             return -errno;
     }
-    /* first the values (their buffer may move), then the pointers into it */
-    size_t offsets[256], sizes[256];
-    const char *names[256];
-    size_t wanted = 0;
+    /* the values' buffer may move while it grows: offsets first, pointers at the end */
     for (ssize_t position = 0; position < size;) {
         const char *name = list->names.data + position;
         position += (ssize_t)strlen(name) + 1;
         if (*name == '\0' || is_internal_xattr(name))
             continue;
-        if (wanted == 256)
-            return -E2BIG;
+        if (list->count == list->capacity) {
+            size_t capacity = list->capacity ? list->capacity * 2 : 8;
+            struct xattr *items = realloc(list->items, capacity * sizeof *items);
+            if (items == NULL)
+                return -ENOMEM;
+            list->items = items;
+            list->capacity = capacity;
+        }
+        ssize_t length;
         for (;;) {
-            ssize_t length = fgetxattr(fd, name, NULL, 0);
+            length = fgetxattr(fd, name, NULL, 0);
             if (length < 0)
                 return -errno;
             int rc = reserve(&list->values, (size_t)length + 1);
@@ -453,29 +493,21 @@ static int read_xattrs(int fd, struct xattr_list *list)
                 return rc;
             length = fgetxattr(fd, name, list->values.data + list->values.size,
                                (size_t)length + 1);
-            if (length < 0 && errno == ERANGE)
-                continue;
-            if (length < 0)
+            if (length >= 0)
+                break;
+            if (errno != ERANGE)
                 return -errno;
-            names[wanted] = name;
-            offsets[wanted] = list->values.size;
-            sizes[wanted] = (size_t)length;
-            list->values.size += (size_t)length;
-            wanted++;
-            break;
         }
+        list->items[list->count++] = (struct xattr){name, NULL, (size_t)length};
+        list->values.size += (size_t)length;
     }
-    if (wanted > list->capacity) {
-        struct xattr *items = realloc(list->items, wanted * sizeof *items);
-        if (items == NULL)
-            return -ENOMEM;
-        list->items = items;
-        list->capacity = wanted;
+    size_t offset = 0;
+    for (size_t i = 0; i < list->count; i++) {
+        list->items[i].value = list->values.data + offset;
+        offset += list->items[i].value_size;
     }
-    for (size_t i = 0; i < wanted; i++)
-        list->items[i] = (struct xattr){names[i], list->values.data + offsets[i], sizes[i]};
-    list->count = wanted;
-    qsort(list->items, wanted, sizeof *list->items, compare_xattrs);
+    if (list->count > 1)
+        qsort(list->items, list->count, sizeof *list->items, compare_xattrs);
     return 0;
 }
 
@@ -538,9 +570,9 @@ static int emit(struct tar_walk *walk, const struct entry_header *header)
     return rc;
 }
 
-/* Sets walk->name to prefix + base (+ suffix). */
+/* Sets walk->name to the level's prefix + insert + base, NUL-terminated. */
 static int set_name(struct tar_walk *walk, const struct level *level, const char *insert,
-                    const char *base, const char *suffix)
+                    const char *base)
 {
     walk->name.size = 0;
     int rc = append(&walk->name, level->prefix, level->prefix_size);
@@ -549,7 +581,7 @@ static int set_name(struct tar_walk *walk, const struct level *level, const char
     if (rc == 0)
         rc = append(&walk->name, base, strlen(base));
     if (rc == 0)
-        rc = append(&walk->name, suffix, strlen(suffix) + 1);
+        rc = append(&walk->name, "", 1);
     if (rc == 0)
         walk->name.size--; /* the NUL stays after the name */
     return rc;
@@ -750,7 +782,7 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
         if (options->skip_aufs_metadata && level->prefix_size == 0 &&
             starts_with(base, META_PREFIX) && strcmp(base, OPAQUE_MARKER) != 0)
             continue;
-        if ((rc = set_name(walk, level, "", base, "")) < 0)
+        if ((rc = set_name(walk, level, "", base)) < 0)
             return rc;
         struct stat info;
         if (fstatat(parent_fd, base, &info, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -761,7 +793,7 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
         if (options->convert_whiteouts && S_ISCHR(info.st_mode) && info.st_rdev == 0) {
             if (starts_with(base, WHITEOUT_PREFIX))
                 continue; /* fuse-overlayfs' .wh..opq device */
-            if ((rc = set_name(walk, level, WHITEOUT_PREFIX, base, "")) < 0)
+            if ((rc = set_name(walk, level, WHITEOUT_PREFIX, base)) < 0)
                 return rc;
             struct entry_header header = {
                 .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',
@@ -771,15 +803,16 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
             continue;
         }
         int child_fd = -1;
-        if ((rc = add_entry(walk, parent_fd, base, &info, &child_fd)) < 0 || child_fd < 0)
+        if ((rc = add_entry(walk, parent_fd, base, &info, &child_fd)) < 0)
+            break;
+        if (child_fd < 0)
             continue;
         /* walk->name is the directory's name with its slash */
-        if ((rc = push_level(walk, child_fd, walk->name.data, walk->name.size)) < 0) {
+        if ((rc = push_level(walk, child_fd, walk->name.data, walk->name.size)) < 0)
             return rc;
-        }
         struct level *child = &walk->stack[walk->depth - 1];
         if (options->convert_whiteouts && is_opaque(child_fd) && !has_name(child, OPAQUE_MARKER)) {
-            if ((rc = set_name(walk, child, "", OPAQUE_MARKER, "")) < 0)
+            if ((rc = set_name(walk, child, "", OPAQUE_MARKER)) < 0)
                 return rc;
             struct entry_header header = {
                 .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',

@@ -31,7 +31,8 @@ times = st.sampled_from([0, 1_700_000_000_123_456_789, -1_500_000_000, 8**11 + 5
 xattrs = st.sampled_from([("user.note", b"hello"), ("user.empty", b""),
                           ("user.overlay.origin", b"x"), ("trusted.overlay.opaque", b"y"),
                           ("user.fuseoverlayfs.opaque", b"y"), ("trusted.note", b"\0\xff"),
-                          ("user.big", b"v" * 3000)])
+                          ("user.big", b"v" * 3000), ("user.\udcff", b"ff"),
+                          ("user.\ue000", b"private use"), ("user.\udce0x", b"cut")])
 steps = st.lists(
     st.one_of(
         st.tuples(st.just("dir"), st.integers(0, 40), names),
@@ -125,6 +126,23 @@ def test_native_walker_writes_the_bytes_of_the_python_one(
     options = ExportOptions(convert_whiteouts=convert, skip_aufs_metadata=skip_metadata)
     native = tar_of(write_tree, root, tree_scratch, options)
     assert native == tar_of(walk_tree, root, tree_scratch, options)
+
+
+def test_xattrs_in_the_order_of_their_decoded_names(tmp_path: Path) -> None:
+    """Python sorts the names it decoded (a byte that is not UTF-8 becomes U+DC80..U+DCFF):
+    b"\\xff" comes before b"\\xee\\x80\\x80" (U+E000) there, after it in bytes."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    target = tree / "file"
+    target.touch()
+    try:
+        for name in ("user.\ue000", "user.\udcff", "user.\udce0x", "user.a\u00e9"):
+            os.setxattr(target, name, name.encode("utf-8", "surrogateescape"))
+    except OSError:
+        pytest.skip("this filesystem keeps no user.* xattrs")
+    native = tar_of(write_tree, tree, tmp_path, ExportOptions())
+    assert native == tar_of(walk_tree, tree, tmp_path, ExportOptions())
+    assert native.index(b"user.\xff=") < native.index(b"user.\xee\x80\x80=")
 
 
 def test_deep_trees_reopen_their_shallow_levels(tmp_path: Path,
