@@ -614,9 +614,11 @@ class IOQueue:
 
 
 def tar_tree(root_fd: int, out_fd: int, convert_whiteouts: bool, skip_aufs_metadata: bool,
-             open_levels: int) -> OSError | None:
+             open_levels: int, uid_ranges: Iterable[tuple[int, int, int]] = (),
+             gid_ranges: Iterable[tuple[int, int, int]] = ()) -> OSError | None:
     """The native tree walker of csrc/tartree.c: the tar of the tree below root_fd, written
-    to out_fd; None, or the OSError of a failed write (a failure to read the tree is raised).
+    to out_fd, owners mapped by (container_id, host_id, size) ranges; None, or the OSError of
+    a failed write (a failure to read the tree is raised, an unmapped owner is DiffError).
 
     Its readable twin is walk_tree in aufs/archive/export.py, one floor up because it builds
     headers with aufs.archive.format; write_tree calls it when the extension is missing, so

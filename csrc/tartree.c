@@ -1,6 +1,6 @@
 /*
- * The tar of a directory tree, walked in C: the native twin of write_tree's walker in
- * aufs/archive/export.py (its readable version), for stores without id maps.
+ * The tar of a directory tree, walked in C: the native twin of walk_tree in
+ * aufs/archive/export.py, its readable version.
  *
  * One walk, no recursion: a stack of levels, each the sorted names of one directory (read with
  * getdents64, sorted by their bytes). Headers are built here and handed, with each regular
@@ -536,16 +536,27 @@ struct tar_walk {
     struct link_map links;
     struct level *stack;
     size_t depth, stack_capacity;
-    int io_failed;
-    char *error_name;
-    size_t error_name_size;
+    struct aufs_tar_tree_failure *failure;
 };
 
 static int fail(struct tar_walk *walk, int rc, const char *name)
 {
-    if (walk->error_name != NULL && walk->error_name_size > 0)
-        snprintf(walk->error_name, walk->error_name_size, "%s", name);
+    snprintf(walk->failure->name, sizeof walk->failure->name, "%s", name);
     return rc;
+}
+
+/* The id in the archive of a host id, or -ERANGE (the failure names it). */
+static int64_t map_id(struct tar_walk *walk, const struct aufs_id_range *ranges, size_t count,
+                      uint64_t id, int kind, const char *name)
+{
+    if (count == 0)
+        return (int64_t)id;
+    for (size_t i = 0; i < count; i++)
+        if (ranges[i].host_id <= id && id < (uint64_t)ranges[i].host_id + ranges[i].size)
+            return (int64_t)(ranges[i].container_id + (id - ranges[i].host_id));
+    walk->failure->kind = kind;
+    walk->failure->id = id;
+    return fail(walk, -ERANGE, name);
 }
 
 static int submit(struct tar_walk *walk, int fd, uint64_t size, const char *name)
@@ -556,7 +567,7 @@ static int submit(struct tar_walk *walk, int fd, uint64_t size, const char *name
     int rc = aufs_io_submit(walk->queue, &request);
     walk->pending.size = 0;
     if (rc < 0) {
-        walk->io_failed = 1;
+        walk->failure->kind = AUFS_TAR_TREE_WRITE;
         return rc;
     }
     return append_zeros(&walk->pending, -size % 512); /* owed after the data */
@@ -615,6 +626,17 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
         .name = name, .name_size = walk->name.size, .typeflag = '0',
         .mode = info->st_mode & 07777, .uid = info->st_uid, .gid = info->st_gid,
         .mtime = (int64_t)info->st_mtim.tv_sec, .linkname = ""};
+    if (!starts_with(base, WHITEOUT_PREFIX)) { /* whiteouts keep their owner (Docker) */
+        const struct aufs_tar_tree_options *options = walk->options;
+        int64_t uid = map_id(walk, options->uids, options->uid_count, info->st_uid,
+                             AUFS_TAR_TREE_UNMAPPED_UID, name);
+        int64_t gid = uid < 0 ? uid : map_id(walk, options->gids, options->gid_count,
+                                             info->st_gid, AUFS_TAR_TREE_UNMAPPED_GID, name);
+        if (gid < 0)
+            return (int)gid;
+        header.uid = (uint64_t)uid;
+        header.gid = (uint64_t)gid;
+    }
     mode_t mode = info->st_mode;
     int rc = 0;
     if (S_ISDIR(mode)) {
@@ -832,13 +854,10 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
 }
 
 int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *options,
-                  int *io_failed, char *error_name, size_t error_name_size)
+                  struct aufs_tar_tree_failure *failure)
 {
-    struct tar_walk walk = {.options = options, .out_fd = out_fd, .error_name = error_name,
-                            .error_name_size = error_name_size};
-    *io_failed = 0;
-    if (error_name_size > 0)
-        error_name[0] = '\0';
+    struct tar_walk walk = {.options = options, .out_fd = out_fd, .failure = failure};
+    memset(failure, 0, sizeof *failure);
     int rc = aufs_io_open(&walk.queue, 256, 64 << 20);
     if (rc < 0)
         return rc;
@@ -849,15 +868,13 @@ int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *o
         rc = submit(&walk, -1, 0, "");
     while (walk.depth > 0)
         pop_level(&walk, root_fd);
-    char name[512];
+    char name[sizeof failure->name];
     int io_rc = aufs_io_close(walk.queue, name, sizeof name);
-    if (io_rc < 0 && (rc == 0 || walk.io_failed)) {
-        rc = io_rc;
-        walk.io_failed = 1;
-        if (error_name_size > 0)
-            snprintf(error_name, error_name_size, "%s", name);
+    if (io_rc < 0 && (rc == 0 || failure->kind == AUFS_TAR_TREE_WRITE)) {
+        rc = io_rc; /* the job's own failure, with its name */
+        failure->kind = AUFS_TAR_TREE_WRITE;
+        snprintf(failure->name, sizeof failure->name, "%s", name);
     }
-    *io_failed = walk.io_failed;
     free(walk.stack);
     free(walk.pending.data);
     free(walk.pax.data);

@@ -222,13 +222,16 @@ def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
     """Archives the tree at root (not root itself), in lexical order like Go's Walk. root is
     a path, or the fd of a directory (the caller keeps it).
 
-    Without id maps the native walker (csrc/tartree.c) writes the same bytes without the GIL;
-    walk_tree below is its readable version, and the one that maps ids."""
-    if native.IMPLEMENTATION == "native" and options.id_mapping.is_identity:
+    The native walker (csrc/tartree.c) writes the same bytes without the GIL; walk_tree below
+    is its readable version, which runs when the extension is missing."""
+    if native.IMPLEMENTATION == "native":
+        mapping = options.id_mapping
         root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
         try:
-            failure = native.tar_tree(root_fd, out_fd, options.convert_whiteouts,
-                                      options.skip_aufs_metadata, OPEN_LEVELS)
+            failure = native.tar_tree(
+                root_fd, out_fd, options.convert_whiteouts, options.skip_aufs_metadata,
+                OPEN_LEVELS, [(r.container_id, r.host_id, r.size) for r in mapping.uids.ranges],
+                [(r.container_id, r.host_id, r.size) for r in mapping.gids.ranges])
         finally:
             os.close(root_fd)
         if failure is not None:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from aufs.archive import export
 from aufs.archive.export import ExportOptions, walk_tree, write_tree
+from aufs.archive.idmap import IdentityMapping, IDMap
+from aufs.errors import DiffError
 from conftest import IS_ROOT, NATIVE, tmpfs_mount
 
 pytestmark = pytest.mark.skipif(NATIVE is None or export.native.IMPLEMENTATION != "native",
@@ -103,6 +105,21 @@ def tar_of(writer: object, root: Path, scratch: Path, options: ExportOptions) ->
         return out.read()
 
 
+def outcome(writer: object, root: Path, scratch: Path, options: ExportOptions) -> object:
+    """The tar, or the error that stopped it (a tar cut short is not compared)."""
+    try:
+        return tar_of(writer, root, scratch, options)
+    except DiffError as error:
+        return str(error)
+
+
+# host 0 stays 0, 1000 becomes 5000, 65534 becomes 3,000,000 (a PAX uid); others are unmapped,
+# among them gid 2,097,152, just past the end of a range
+MAPPED = IdentityMapping(
+    uids=IDMap.from_triples([(0, 0, 1), (5000, 1000, 100), (3_000_000, 65534, 1)]),
+    gids=IDMap.from_triples([(0, 0, 2), (70_000, 2_097_151, 1)]))
+
+
 @pytest.fixture(scope="module")
 def tree_scratch() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="aufs-tar-tree-") as base:
@@ -115,17 +132,18 @@ def tree_scratch() -> Iterator[Path]:
 
 @pytest.mark.skipif(not IS_ROOT, reason="devices, owners and trusted.* xattrs need root")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=steps, convert=st.booleans(), skip_metadata=st.booleans())
+@given(plan=steps, convert=st.booleans(), skip_metadata=st.booleans(), mapped=st.booleans())
 def test_native_walker_writes_the_bytes_of_the_python_one(
         tree_scratch: Path, plan: list[tuple[object, ...]], convert: bool,
-        skip_metadata: bool) -> None:
+        skip_metadata: bool, mapped: bool) -> None:
     root = tree_scratch / "tree"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     build_tree(root, plan)
-    options = ExportOptions(convert_whiteouts=convert, skip_aufs_metadata=skip_metadata)
-    native = tar_of(write_tree, root, tree_scratch, options)
-    assert native == tar_of(walk_tree, root, tree_scratch, options)
+    options = ExportOptions(id_mapping=MAPPED if mapped else IdentityMapping(),
+                            convert_whiteouts=convert, skip_aufs_metadata=skip_metadata)
+    native = outcome(write_tree, root, tree_scratch, options)
+    assert native == outcome(walk_tree, root, tree_scratch, options)
 
 
 def test_xattrs_in_the_order_of_their_decoded_names(tmp_path: Path) -> None:
@@ -143,6 +161,30 @@ def test_xattrs_in_the_order_of_their_decoded_names(tmp_path: Path) -> None:
     native = tar_of(write_tree, tree, tmp_path, ExportOptions())
     assert native == tar_of(walk_tree, tree, tmp_path, ExportOptions())
     assert native.index(b"user.\xff=") < native.index(b"user.\xee\x80\x80=")
+
+
+def test_an_unmapped_owner_names_the_entry(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "dir" / "file").touch()
+    options = ExportOptions(id_mapping=IdentityMapping(
+        uids=IDMap.from_triples([(0, os.getuid(), 1)]),
+        gids=IDMap.from_triples([(0, os.getgid() + 1, 1)])))
+    with pytest.raises(DiffError, match=f"entry 'dir': host id {os.getgid()} is not mapped"):
+        tar_of(write_tree, tree, tmp_path, options)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="chown needs root")
+@pytest.mark.parametrize("owner", [(999, 0), (1000, 0), (1099, 1), (1100, 0), (0, 2),
+                                   (65534, 2_097_151), (65534, 2_097_152)])
+def test_owners_at_the_ends_of_the_ranges(tmp_path: Path, owner: tuple[int, int]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").touch()
+    os.chown(tree / "file", *owner)
+    options = ExportOptions(id_mapping=MAPPED)
+    native = outcome(write_tree, tree, tmp_path, options)
+    assert native == outcome(walk_tree, tree, tmp_path, options)
 
 
 def test_deep_trees_reopen_their_shallow_levels(tmp_path: Path,
