@@ -15,7 +15,7 @@ if os.environ.get("AUFS_NO_EXTENSIONS", "") in ("", "0"):
         "aufs._native",
         sources=["aufs/_native.pyx", "csrc/dirsize.c", "csrc/ioqueue.c", "csrc/mountdata.c",
                  "csrc/mountfrom.c", "csrc/nameset.c", "csrc/syscalls.c", "csrc/tarheader.c",
-                 "csrc/tartree.c", "csrc/crc64.c"],
+                 "csrc/tarbuild.c", "csrc/tartree.c", "csrc/crc64.c"],
         include_dirs=["csrc"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         extra_link_args=["-pthread"],

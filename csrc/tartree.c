@@ -3,13 +3,14 @@
  * aufs/archive/export.py, its readable version.
  *
  * One walk, no recursion: a stack of levels, each the sorted names of one directory (read with
- * getdents64, sorted by their bytes). Headers are built here and handed, with each regular
- * file's open fd, to the ordered I/O queue of ioqueue.c, whose thread writes them and copies the
- * data with sendfile. Only the deepest AUFS_TAR_OPEN_LEVELS directories (and the root) stay
+ * getdents64, sorted by their bytes). Headers are built by tarbuild.c and handed, with each
+ * regular file's open fd, to the ordered I/O queue of ioqueue.c, whose thread writes them and
+ * copies the data with sendfile. Only the deepest `open_levels` directories (and the root) stay
  * open; a shallower one is opened again, one component at a time, when the walk comes back.
  */
 #define _GNU_SOURCE
 #include "aufs_core.h"
+#include "tarbuild.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -19,7 +20,6 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
-#include <linux/limits.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -30,230 +30,12 @@
 #define META_PREFIX ".wh..wh."
 #define OPAQUE_MARKER ".wh..wh..opq"
 
-/* ---- a growing byte buffer ------------------------------------------------------------------ */
-
-struct bytes {
-    char *data;
-    size_t size;
-    size_t capacity;
-};
-
-static int reserve(struct bytes *buffer, size_t more)
-{
-    if (buffer->size + more <= buffer->capacity)
-        return 0;
-    size_t capacity = buffer->capacity ? buffer->capacity : 4096;
-    while (capacity < buffer->size + more)
-        capacity *= 2;
-    char *data = realloc(buffer->data, capacity);
-    if (data == NULL)
-        return -ENOMEM;
-    buffer->data = data;
-    buffer->capacity = capacity;
-    return 0;
-}
-
-static int append(struct bytes *buffer, const void *data, size_t size)
-{
-    int rc = reserve(buffer, size);
-    if (rc == 0 && size > 0) {
-        memcpy(buffer->data + buffer->size, data, size);
-        buffer->size += size;
-    }
-    return rc;
-}
-
-static int append_zeros(struct bytes *buffer, size_t size)
-{
-    int rc = reserve(buffer, size);
-    if (rc == 0) {
-        memset(buffer->data + buffer->size, 0, size);
-        buffer->size += size;
-    }
-    return rc;
-}
-
 static int starts_with(const char *text, const char *prefix)
 {
     return strncmp(text, prefix, strlen(prefix)) == 0;
 }
 
-static int is_ascii(const char *text, size_t size)
-{
-    for (size_t i = 0; i < size; i++)
-        if ((unsigned char)text[i] >= 0x80)
-            return 0;
-    return 1;
-}
-
-/* ---- headers (format.build_header) ------------------------------------------------------------ */
-
-struct xattr {
-    const char *name;
-    const char *value;
-    size_t value_size;
-};
-
-struct entry_header {
-    const char *name;
-    size_t name_size;
-    char typeflag;
-    uint32_t mode;
-    uint64_t uid, gid, size;
-    int64_t mtime; /* seconds */
-    const char *linkname;
-    size_t linkname_size;
-    uint64_t devmajor, devminor;
-    const struct xattr *xattrs; /* sorted by name */
-    size_t xattr_count;
-};
-
-/* "<length> <key>=<value>\n", the length counting itself. */
-static int pax_record(struct bytes *out, const char *key, const char *value, size_t value_size)
-{
-    size_t body = 1 + strlen(key) + 1 + value_size + 1;
-    size_t length = body + 1;
-    char digits[24];
-    for (;;) {
-        size_t width = (size_t)snprintf(digits, sizeof digits, "%zu", length);
-        if (width + body == length)
-            break;
-        length = width + body;
-    }
-    int rc = append(out, digits, strlen(digits));
-    if (rc == 0)
-        rc = append(out, " ", 1);
-    if (rc == 0)
-        rc = append(out, key, strlen(key));
-    if (rc == 0)
-        rc = append(out, "=", 1);
-    if (rc == 0)
-        rc = append(out, value, value_size);
-    if (rc == 0)
-        rc = append(out, "\n", 1);
-    return rc;
-}
-
-static int pax_number(struct bytes *out, const char *key, long long value)
-{
-    char digits[24];
-    int width = snprintf(digits, sizeof digits, "%lld", value);
-    return pax_record(out, key, digits, (size_t)width);
-}
-
-/* The ustar (prefix, name) cut of a name longer than 100 bytes: the prefix's length, or -1. */
-static ssize_t ustar_cut(const char *name, size_t size)
-{
-    size_t limit = size < 156 ? size : 156;
-    for (size_t cut = limit; cut-- > 1;)
-        if (name[cut] == '/' && size - cut - 1 <= 100)
-            return (ssize_t)cut;
-    return -1;
-}
-
-static void put_octal(char *field, size_t width, uint64_t value)
-{
-    snprintf(field, width, "%0*llo", (int)(width - 1), (unsigned long long)value);
-}
-
-static int ustar_block(struct bytes *out, const struct entry_header *header, const char *prefix,
-                       size_t prefix_size, const char *name, size_t name_size,
-                       const char *linkname, size_t linkname_size, uint64_t uid, uint64_t gid,
-                       uint64_t size, uint64_t mtime)
-{
-    int rc = reserve(out, 512);
-    if (rc < 0)
-        return rc;
-    unsigned char *block = (unsigned char *)out->data + out->size;
-    memset(block, 0, 512);
-    memcpy(block, name, name_size);
-    put_octal((char *)block + 100, 8, header->mode & 07777);
-    put_octal((char *)block + 108, 8, uid);
-    put_octal((char *)block + 116, 8, gid);
-    put_octal((char *)block + 124, 12, size);
-    put_octal((char *)block + 136, 12, mtime);
-    memset(block + 148, ' ', 8);
-    block[156] = (unsigned char)header->typeflag;
-    memcpy(block + 157, linkname, linkname_size);
-    memcpy(block + 257, "ustar\0" "00", 8);
-    put_octal((char *)block + 329, 8, header->devmajor);
-    put_octal((char *)block + 337, 8, header->devminor);
-    memcpy(block + 345, prefix, prefix_size);
-    unsigned sum = 0;
-    for (int i = 0; i < 512; i++)
-        sum += block[i];
-    snprintf((char *)block + 148, 8, "%06o", sum);
-    block[155] = ' ';
-    out->size += 512;
-    return 0;
-}
-
-#define OCTAL8_LIMIT 2097152ULL          /* 8**7 */
-#define OCTAL12_LIMIT 8589934592ULL      /* 8**11 */
-
-static int build_header(struct bytes *out, const struct entry_header *header, struct bytes *pax)
-{
-    pax->size = 0;
-    int rc = 0;
-    const char *prefix = "", *name = header->name;
-    size_t prefix_size = 0, name_size = header->name_size;
-    ssize_t cut = -1;
-    if (is_ascii(header->name, header->name_size))
-        cut = header->name_size <= 100 ? 0 : ustar_cut(header->name, header->name_size);
-    if (cut < 0) {
-        rc = pax_record(pax, "path", header->name, header->name_size);
-        name_size = name_size < 100 ? name_size : 100;
-    } else if (cut > 0) {
-        prefix = header->name;
-        prefix_size = (size_t)cut;
-        name = header->name + cut + 1;
-        name_size = header->name_size - (size_t)cut - 1;
-    }
-    size_t linkname_size = header->linkname_size;
-    if (rc == 0 && (linkname_size > 100 || !is_ascii(header->linkname, linkname_size))) {
-        rc = pax_record(pax, "linkpath", header->linkname, linkname_size);
-        linkname_size = linkname_size < 100 ? linkname_size : 100;
-    }
-    uint64_t uid = header->uid, gid = header->gid, size = header->size, mtime = 0;
-    if (rc == 0 && uid >= OCTAL8_LIMIT) {
-        rc = pax_number(pax, "uid", (long long)uid);
-        uid = 0;
-    }
-    if (rc == 0 && gid >= OCTAL8_LIMIT) {
-        rc = pax_number(pax, "gid", (long long)gid);
-        gid = 0;
-    }
-    if (rc == 0 && size >= OCTAL12_LIMIT) {
-        rc = pax_number(pax, "size", (long long)size);
-        size = 0;
-    }
-    if (header->mtime >= 0 && (uint64_t)header->mtime < OCTAL12_LIMIT)
-        mtime = (uint64_t)header->mtime;
-    else if (rc == 0)
-        rc = pax_number(pax, "mtime", (long long)header->mtime);
-    char key[16 + XATTR_NAME_MAX];
-    for (size_t i = 0; rc == 0 && i < header->xattr_count; i++) {
-        snprintf(key, sizeof key, "SCHILY.xattr.%s", header->xattrs[i].name);
-        rc = pax_record(pax, key, header->xattrs[i].value, header->xattrs[i].value_size);
-    }
-    if (rc < 0)
-        return rc;
-    if (pax->size > 0) {
-        struct entry_header pax_header = {.name = "PaxHeader", .name_size = 9, .typeflag = 'x',
-                                          .mode = 0644, .size = pax->size, .linkname = ""};
-        rc = ustar_block(out, &pax_header, "", 0, "PaxHeader", 9, "", 0, 0, 0, pax->size, 0);
-        if (rc == 0)
-            rc = append(out, pax->data, pax->size);
-        if (rc == 0)
-            rc = append_zeros(out, -pax->size % 512);
-        if (rc < 0)
-            return rc;
-    }
-    return ustar_block(out, header, prefix, prefix_size, name, name_size, header->linkname,
-                       linkname_size, uid, gid, size, mtime);
-}
-
-/* ---- hardlinks: (st_dev, st_ino) -> the first name archived ------------------------------------ */
+/* ---- hardlinks: (st_dev, st_ino) -> the first name archived --------------------------------- */
 
 struct link_slot {
     uint64_t device, inode;
@@ -309,7 +91,7 @@ static void link_free(struct link_map *map)
     free(map->slots);
 }
 
-/* ---- directory listings ------------------------------------------------------------------------ */
+/* ---- directory listings --------------------------------------------------------------------- */
 
 struct linux_dirent64 {
     uint64_t d_ino;
@@ -336,7 +118,7 @@ static int compare_names(const void *a, const void *b)
 
 static int list_directory(int fd, struct level *level)
 {
-    struct bytes names = {0};
+    struct aufs_buffer names = {0};
     char buffer[32768];
     size_t count = 0;
     int rc = 0;
@@ -356,7 +138,7 @@ static int list_directory(int fd, struct level *level)
             const char *name = entry->d_name;
             if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
                 continue;
-            rc = append(&names, name, strlen(name) + 1);
+            rc = aufs_buffer_append(&names, name, strlen(name) + 1);
             count++;
         }
         if (rc < 0)
@@ -427,8 +209,8 @@ static uint32_t next_code_point(const unsigned char **text)
 /* Python's order of the decoded names: the order of their bytes when they are valid UTF-8. */
 static int compare_xattrs(const void *a, const void *b)
 {
-    const unsigned char *left = (const unsigned char *)((const struct xattr *)a)->name;
-    const unsigned char *right = (const unsigned char *)((const struct xattr *)b)->name;
+    const unsigned char *left = (const unsigned char *)((const struct aufs_tar_xattr *)a)->name;
+    const unsigned char *right = (const unsigned char *)((const struct aufs_tar_xattr *)b)->name;
     while (*left != '\0' && *right != '\0') {
         uint32_t x = next_code_point(&left), y = next_code_point(&right);
         if (x != y)
@@ -438,9 +220,9 @@ static int compare_xattrs(const void *a, const void *b)
 }
 
 struct xattr_list {
-    struct bytes names;
-    struct bytes values;
-    struct xattr *items;
+    struct aufs_buffer names;
+    struct aufs_buffer values;
+    struct aufs_tar_xattr *items;
     size_t count, capacity;
 };
 
@@ -460,7 +242,7 @@ static int read_xattrs(int fd, struct xattr_list *list)
         if (size == 0)
             return 0;
         list->names.size = 0;
-        int rc = reserve(&list->names, (size_t)size);
+        int rc = aufs_buffer_reserve(&list->names, (size_t)size);
         if (rc < 0)
             return rc;
         size = flistxattr(fd, list->names.data, (size_t)size);
@@ -477,7 +259,7 @@ static int read_xattrs(int fd, struct xattr_list *list)
             continue;
         if (list->count == list->capacity) {
             size_t capacity = list->capacity ? list->capacity * 2 : 8;
-            struct xattr *items = realloc(list->items, capacity * sizeof *items);
+            struct aufs_tar_xattr *items = realloc(list->items, capacity * sizeof *items);
             if (items == NULL)
                 return -ENOMEM;
             list->items = items;
@@ -488,7 +270,7 @@ static int read_xattrs(int fd, struct xattr_list *list)
             length = fgetxattr(fd, name, NULL, 0);
             if (length < 0)
                 return -errno;
-            int rc = reserve(&list->values, (size_t)length + 1);
+            int rc = aufs_buffer_reserve(&list->values, (size_t)length + 1);
             if (rc < 0)
                 return rc;
             length = fgetxattr(fd, name, list->values.data + list->values.size,
@@ -498,7 +280,7 @@ static int read_xattrs(int fd, struct xattr_list *list)
             if (errno != ERANGE)
                 return -errno;
         }
-        list->items[list->count++] = (struct xattr){name, NULL, (size_t)length};
+        list->items[list->count++] = (struct aufs_tar_xattr){name, NULL, (size_t)length};
         list->values.size += (size_t)length;
     }
     size_t offset = 0;
@@ -528,10 +310,10 @@ struct tar_walk {
     const struct aufs_tar_tree_options *options;
     struct aufs_io_queue *queue;
     int out_fd;
-    struct bytes pending; /* headers (after the last file's padding) not yet queued */
-    struct bytes pax;
-    struct bytes name;      /* the current entry's name in the archive */
-    struct bytes linkname;
+    struct aufs_buffer pending; /* headers (after the last file's padding) not yet queued */
+    struct aufs_buffer pax;
+    struct aufs_buffer name;      /* the current entry's name in the archive */
+    struct aufs_buffer linkname;
     struct xattr_list xattrs;
     struct link_map links;
     struct level *stack;
@@ -570,12 +352,12 @@ static int submit(struct tar_walk *walk, int fd, uint64_t size, const char *name
         walk->failure->kind = AUFS_TAR_TREE_WRITE;
         return rc;
     }
-    return append_zeros(&walk->pending, -size % 512); /* owed after the data */
+    return aufs_buffer_zeros(&walk->pending, -size % 512); /* owed after the data */
 }
 
-static int emit(struct tar_walk *walk, const struct entry_header *header)
+static int emit(struct tar_walk *walk, const struct aufs_tar_entry *header)
 {
-    int rc = build_header(&walk->pending, header, &walk->pax);
+    int rc = aufs_tar_build_header(&walk->pending, header, &walk->pax);
     if (rc == 0 && walk->pending.size >= FLUSH_AT)
         rc = submit(walk, -1, 0, "");
     return rc;
@@ -586,13 +368,13 @@ static int set_name(struct tar_walk *walk, const struct level *level, const char
                     const char *base)
 {
     walk->name.size = 0;
-    int rc = append(&walk->name, level->prefix, level->prefix_size);
+    int rc = aufs_buffer_append(&walk->name, level->prefix, level->prefix_size);
     if (rc == 0)
-        rc = append(&walk->name, insert, strlen(insert));
+        rc = aufs_buffer_append(&walk->name, insert, strlen(insert));
     if (rc == 0)
-        rc = append(&walk->name, base, strlen(base));
+        rc = aufs_buffer_append(&walk->name, base, strlen(base));
     if (rc == 0)
-        rc = append(&walk->name, "", 1);
+        rc = aufs_buffer_append(&walk->name, "", 1);
     if (rc == 0)
         walk->name.size--; /* the NUL stays after the name */
     return rc;
@@ -603,7 +385,7 @@ static int read_link(struct tar_walk *walk, int parent_fd, const char *base, siz
     size_t capacity = hint + 2 > 256 ? hint + 2 : 256;
     for (;;) {
         walk->linkname.size = 0;
-        int rc = reserve(&walk->linkname, capacity);
+        int rc = aufs_buffer_reserve(&walk->linkname, capacity);
         if (rc < 0)
             return rc;
         ssize_t size = readlinkat(parent_fd, base, walk->linkname.data, capacity);
@@ -622,7 +404,7 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
                      const struct stat *info, int *directory_fd)
 {
     const char *name = walk->name.data;
-    struct entry_header header = {
+    struct aufs_tar_entry header = {
         .name = name, .name_size = walk->name.size, .typeflag = '0',
         .mode = info->st_mode & 07777, .uid = info->st_uid, .gid = info->st_gid,
         .mtime = (int64_t)info->st_mtim.tv_sec, .linkname = ""};
@@ -641,7 +423,7 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
     int rc = 0;
     if (S_ISDIR(mode)) {
         header.typeflag = '5';
-        rc = append(&walk->name, "/", 2);
+        rc = aufs_buffer_append(&walk->name, "/", 2);
         if (rc < 0)
             return rc;
         walk->name.size--;
@@ -710,7 +492,7 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
     }
     header.xattrs = walk->xattrs.items;
     header.xattr_count = walk->xattrs.count;
-    rc = build_header(&walk->pending, &header, &walk->pax);
+    rc = aufs_tar_build_header(&walk->pending, &header, &walk->pax);
     if (rc < 0) {
         close(fd);
         return rc;
@@ -817,7 +599,7 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
                 continue; /* fuse-overlayfs' .wh..opq device */
             if ((rc = set_name(walk, level, WHITEOUT_PREFIX, base)) < 0)
                 return rc;
-            struct entry_header header = {
+            struct aufs_tar_entry header = {
                 .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',
                 .mode = 0600, .uid = info.st_uid, .gid = info.st_gid,
                 .mtime = (int64_t)info.st_mtim.tv_sec, .linkname = ""};
@@ -836,7 +618,7 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
         if (options->convert_whiteouts && is_opaque(child_fd) && !has_name(child, OPAQUE_MARKER)) {
             if ((rc = set_name(walk, child, "", OPAQUE_MARKER)) < 0)
                 return rc;
-            struct entry_header header = {
+            struct aufs_tar_entry header = {
                 .name = walk->name.data, .name_size = walk->name.size, .typeflag = '0',
                 .mode = info.st_mode & 0777, .uid = info.st_uid, .gid = info.st_gid,
                 .linkname = ""};
@@ -863,7 +645,7 @@ int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *o
         return rc;
     rc = walk_tree(&walk, root_fd);
     if (rc == 0)
-        rc = append_zeros(&walk.pending, 1024);
+        rc = aufs_buffer_zeros(&walk.pending, 1024);
     if (rc == 0)
         rc = submit(&walk, -1, 0, "");
     while (walk.depth > 0)

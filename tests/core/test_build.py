@@ -62,5 +62,6 @@ def test_sdist_carries_the_sources(tmp_path: Path) -> None:
     for required in ("setup.py", "pyproject.toml", "aufs/_native.pyx", "aufs/_native.pxd",
                      "aufs/__init__.pxd", "aufs/_core.pxd", "aufs/_native.pyi", "aufs/py.typed",
                      "csrc/aufs_core.h", "csrc/dirsize.c", "csrc/mountdata.c",
-                     "csrc/mountfrom.c", "csrc/nameset.c", "csrc/crc64.c", "csrc/syscalls.c"):
+                     "csrc/mountfrom.c", "csrc/nameset.c", "csrc/crc64.c", "csrc/syscalls.c",
+                     "csrc/tarbuild.c", "csrc/tarbuild.h", "csrc/tartree.c"):
         assert required in names, f"{required} missing from the sdist"
