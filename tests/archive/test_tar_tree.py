@@ -3,9 +3,11 @@ Python walk_tree of aufs.archive.export, on generated trees of every kind of ent
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from aufs.archive import export
 from aufs.archive.export import ExportOptions, walk_tree, write_tree
 from aufs.archive.idmap import IdentityMapping, IDMap
 from aufs.errors import DiffError
+from aufs.store.atomic import remove_tree
 from conftest import IS_ROOT, NATIVE, tmpfs_mount
 
 pytestmark = pytest.mark.skipif(NATIVE is None or export.native.IMPLEMENTATION != "native",
@@ -200,6 +203,31 @@ def test_deep_trees_reopen_their_shallow_levels(tmp_path: Path,
     native = tar_of(write_tree, tmp_path / "tree", tmp_path, ExportOptions())
     assert native == tar_of(walk_tree, tmp_path / "tree", tmp_path, ExportOptions())
     assert native.count(b"level11/z\0") == 1
+
+
+def test_a_tree_deeper_than_path_max_at_the_default_fd_budget(tmp_path: Path) -> None:
+    """1,500 levels (a path over PATH_MAX), a file after each subdirectory: every level past
+    OPEN_LEVELS is opened again on the way up; no fd is left open."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # each level from the one above: the paths pass PATH_MAX
+        os.mkdir("ab", dir_fd=fd)
+        below = os.open("ab", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+        os.close(os.open("zz", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        native = tar_of(write_tree, root, tmp_path, ExportOptions())
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert native == tar_of(walk_tree, root, tmp_path, ExportOptions())
+        with tarfile.open(fileobj=io.BytesIO(native)) as archive:
+            files = [name for name in archive.getnames() if name.endswith("/zz")]
+        assert len(files) == 1500 and len(files[0]) > 4096  # the deepest first: "ab" < "zz"
+    finally:
+        remove_tree(str(root))  # not shutil.rmtree (pytest's clean-up): it recurses
 
 
 def test_a_closed_reader_is_a_broken_pipe(tmp_path: Path) -> None:
