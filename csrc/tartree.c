@@ -536,36 +536,35 @@ static void pop_level(struct tar_walk *walk, int root_fd)
     free(level->sorted);
 }
 
-/* The deepest level's fd, opened again below its nearest open ancestor, stepwise. */
+/* The deepest level's fd, opened again below its nearest open ancestor one level at a time.
+ * The deepest `open_levels` levels on the way stay open, so that the walk back up opens again
+ * once every `open_levels` levels, not at each one. */
 static int reopen(struct tar_walk *walk)
 {
-    size_t index = walk->depth - 1;
+    size_t deepest = walk->depth - 1, index = deepest;
     while (walk->stack[index].fd < 0)
         index--;
-    struct level *deepest = &walk->stack[walk->depth - 1];
-    int fd = dup(walk->stack[index].fd);
-    if (fd < 0)
-        return fail(walk, -errno, deepest->prefix);
-    char *path = strdup(deepest->prefix + walk->stack[index].prefix_size);
-    if (path == NULL) {
-        close(fd);
-        return -ENOMEM;
-    }
-    char *rest = path, *component;
-    while ((component = strsep(&rest, "/")) != NULL) {
-        if (*component == '\0')
-            continue;
-        int next = openat(fd, component, DIR_FLAGS);
+    size_t open_levels = walk->options->open_levels;
+    size_t keep_from = deepest + 1 > open_levels ? deepest + 1 - open_levels : 0;
+    int fd = walk->stack[index].fd;
+    for (size_t level = index + 1; level <= deepest; level++) {
+        /* the component: this level's prefix past its parent's, its slash cut for the call */
+        struct level *here = &walk->stack[level];
+        here->prefix[here->prefix_size - 1] = '\0';
+        int next = openat(fd, here->prefix + walk->stack[level - 1].prefix_size, DIR_FLAGS);
         int error = errno;
-        close(fd);
-        if (next < 0) {
-            free(path);
-            return fail(walk, -error, deepest->prefix);
+        here->prefix[here->prefix_size - 1] = '/';
+        if (level - 1 > index) { /* an fd opened here: kept for its level, or closed */
+            if (level - 1 >= keep_from)
+                walk->stack[level - 1].fd = fd;
+            else
+                close(fd);
         }
+        if (next < 0)
+            return fail(walk, -error, here->prefix);
         fd = next;
     }
-    free(path);
-    deepest->fd = fd;
+    walk->stack[deepest].fd = fd;
     return fd;
 }
 

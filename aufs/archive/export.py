@@ -209,13 +209,27 @@ class _Level:
 
 
 def _reopen(stack: list[_Level]) -> int:
-    """The fd of the deepest level, opened again below its nearest open ancestor."""
+    """The fd of the deepest level, opened again below its nearest open ancestor one level at
+    a time. The deepest OPEN_LEVELS levels on the way stay open, so that the walk back up opens
+    again once every OPEN_LEVELS levels, not at each one."""
     index = len(stack) - 1
     while stack[index].fd < 0:
         index -= 1
-    below = stack[-1].prefix[len(stack[index].prefix):].rstrip("/")
-    stack[-1].fd = native.open_directory_stepwise(stack[index].fd, below.split("/"))
-    return stack[-1].fd
+    keep_from = len(stack) - OPEN_LEVELS
+    fd = stack[index].fd
+    for level in range(index + 1, len(stack)):
+        component = stack[level].prefix[len(stack[level - 1].prefix):-1]
+        try:
+            next_fd = os.open(component, DIR_FLAGS, dir_fd=fd)
+        finally:
+            if level - 1 > index:  # an fd opened here: kept for its level, or closed
+                if level - 1 >= keep_from:
+                    stack[level - 1].fd = fd
+                else:
+                    os.close(fd)
+        fd = next_fd
+    stack[-1].fd = fd
+    return fd
 
 
 def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
