@@ -69,6 +69,34 @@ cdef extern from "aufs_core.h" nogil:
     int aufs_io_error(aufs_io_queue *queue, char *name, size_t name_size)
     int aufs_io_close(aufs_io_queue *queue, char *name, size_t name_size)
 
+    struct aufs_id_range:
+        uint32_t container_id
+        uint32_t host_id
+        uint32_t size
+
+    struct aufs_tar_tree_options:
+        int convert_whiteouts
+        int skip_aufs_metadata
+        size_t open_levels
+        const aufs_id_range *uids
+        size_t uid_count
+        const aufs_id_range *gids
+        size_t gid_count
+
+    enum:
+        AUFS_TAR_TREE_READ
+        AUFS_TAR_TREE_WRITE
+        AUFS_TAR_TREE_UNMAPPED_UID
+        AUFS_TAR_TREE_UNMAPPED_GID
+
+    struct aufs_tar_tree_failure:
+        int kind
+        uint64_t id
+        char name[4096]
+
+    int aufs_tar_tree(int root_fd, int out_fd, const aufs_tar_tree_options *options,
+                      aufs_tar_tree_failure *failure)
+
     struct aufs_tar_header:
         unsigned char name[256]
         size_t name_length

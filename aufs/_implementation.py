@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,9 @@ open_directory_stepwise = _fallback.open_directory_stepwise  # pure Python on bo
 parse_tar_header = _chosen.parse_tar_header
 parse_tar_number = _chosen.parse_tar_number
 renameat2 = _chosen.renameat2
+# native only: the tar of a tree, walked in C (csrc/tartree.c); its readable twin is
+# aufs.archive.export.walk_tree, one floor up, as it builds headers with aufs.archive.format
+tar_tree: Callable[..., OSError | None] | None = getattr(_chosen, "tar_tree", None)
 TarSplitCollector = _chosen.TarSplitCollector
 tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
@@ -83,6 +87,7 @@ __all__ = [
     "parse_tar_header",
     "parse_tar_number",
     "renameat2",
+    "tar_tree",
     "tarsplit_lines",
     "unmount",
     "unpack_run",

@@ -478,6 +478,54 @@ cdef class IOQueue:
             raise _io_error(-rc, name)
 
 
+cdef core.aufs_id_range *_id_ranges(object ranges, size_t *count) except? NULL:
+    """A C copy of (container_id, host_id, size) triples; the caller frees it."""
+    cdef list triples = [tuple(triple) for triple in ranges]
+    count[0] = len(triples)
+    if not triples:
+        return NULL
+    cdef core.aufs_id_range *copy = <core.aufs_id_range *>PyMem_Malloc(
+        len(triples) * sizeof(core.aufs_id_range))
+    if copy == NULL:
+        raise MemoryError()
+    for index, (container_id, host_id, size) in enumerate(triples):
+        copy[index].container_id = container_id
+        copy[index].host_id = host_id
+        copy[index].size = size
+    return copy
+
+
+def tar_tree(int root_fd, int out_fd, bint convert_whiteouts, bint skip_aufs_metadata,
+             size_t open_levels, uid_ranges=(), gid_ranges=()):
+    """The tar of the tree below root_fd, written to out_fd. See aufs/_fallback.py."""
+    cdef core.aufs_tar_tree_options options
+    cdef core.aufs_tar_tree_failure failure
+    cdef int rc
+    memset(&options, 0, sizeof(options))
+    options.convert_whiteouts = convert_whiteouts
+    options.skip_aufs_metadata = skip_aufs_metadata
+    options.open_levels = open_levels
+    try:
+        options.uids = _id_ranges(uid_ranges, &options.uid_count)
+        options.gids = _id_ranges(gid_ranges, &options.gid_count)
+        with nogil:
+            rc = core.aufs_tar_tree(root_fd, out_fd, &options, &failure)
+    finally:
+        PyMem_Free(<void *>options.uids)
+        PyMem_Free(<void *>options.gids)
+    if rc == 0:
+        return None
+    name = os.fsdecode(<bytes>failure.name)
+    if failure.kind == core.AUFS_TAR_TREE_UNMAPPED_UID or \
+            failure.kind == core.AUFS_TAR_TREE_UNMAPPED_GID:
+        raise DiffError(f"entry {name!r}: host id {failure.id} is not mapped to any "
+                        "container id")
+    error = OSError(-rc, os.strerror(-rc), name)
+    if failure.kind == core.AUFS_TAR_TREE_WRITE:
+        return error
+    raise error
+
+
 cdef object _io_error(int error, const char *name):
     return OSError(error, os.strerror(error), os.fsdecode(<bytes>name))
 

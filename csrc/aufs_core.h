@@ -243,6 +243,42 @@ void aufs_name_set_free(struct aufs_name_set *set);
 int aufs_directory_size(const char *root, unsigned int threads, uint64_t *bytes,
                         char *error_path, size_t error_path_size);
 
+/* ---- tartree.c: the tar of a directory tree ---------------------------------------------- */
+
+/* Ids in [host_id, host_id + size) are container_id + (id - host_id) in the archive. */
+struct aufs_id_range {
+    uint32_t container_id, host_id, size;
+};
+
+struct aufs_tar_tree_options {
+    int convert_whiteouts;  /* overlay's 0/0 devices and opaque xattrs become AUFS whiteouts */
+    int skip_aufs_metadata; /* leave out the top-level .wh..wh.* but .wh..wh..opq */
+    size_t open_levels;     /* directory fds kept open below the root */
+    const struct aufs_id_range *uids; /* no ranges: the identity */
+    size_t uid_count;
+    const struct aufs_id_range *gids;
+    size_t gid_count;
+};
+
+#define AUFS_TAR_TREE_READ 0         /* reading the tree failed */
+#define AUFS_TAR_TREE_WRITE 1        /* writing the archive (or copying a file's data) failed */
+#define AUFS_TAR_TREE_UNMAPPED_UID 2 /* -ERANGE: the owner `id` maps to no container id */
+#define AUFS_TAR_TREE_UNMAPPED_GID 3
+
+struct aufs_tar_tree_failure {
+    int kind;
+    uint64_t id;
+    char name[4096]; /* the entry's name in the archive */
+};
+
+/*
+ * Writes the tar of everything below `root_fd` (which stays open) to `out_fd`, as
+ * aufs.archive.export.walk_tree does: same entries, same bytes. On failure, returns -errno and
+ * fills `failure`.
+ */
+int aufs_tar_tree(int root_fd, int out_fd, const struct aufs_tar_tree_options *options,
+                  struct aufs_tar_tree_failure *failure);
+
 #ifdef __cplusplus
 }
 #endif

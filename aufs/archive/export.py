@@ -209,18 +209,53 @@ class _Level:
 
 
 def _reopen(stack: list[_Level]) -> int:
-    """The fd of the deepest level, opened again below its nearest open ancestor."""
+    """The fd of the deepest level, opened again below its nearest open ancestor one level at
+    a time. The deepest OPEN_LEVELS levels on the way stay open, so that the walk back up opens
+    again once every OPEN_LEVELS levels, not at each one."""
     index = len(stack) - 1
     while stack[index].fd < 0:
         index -= 1
-    below = stack[-1].prefix[len(stack[index].prefix):].rstrip("/")
-    stack[-1].fd = native.open_directory_stepwise(stack[index].fd, below.split("/"))
-    return stack[-1].fd
+    keep_from = len(stack) - OPEN_LEVELS
+    fd = stack[index].fd
+    for level in range(index + 1, len(stack)):
+        component = stack[level].prefix[len(stack[level - 1].prefix):-1]
+        try:
+            next_fd = os.open(component, DIR_FLAGS, dir_fd=fd)
+        finally:
+            if level - 1 > index:  # an fd opened here: kept for its level, or closed
+                if level - 1 >= keep_from:
+                    stack[level - 1].fd = fd
+                else:
+                    os.close(fd)
+        fd = next_fd
+    stack[-1].fd = fd
+    return fd
 
 
 def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
     """Archives the tree at root (not root itself), in lexical order like Go's Walk. root is
-    a path, or the fd of a directory (the caller keeps it)."""
+    a path, or the fd of a directory (the caller keeps it).
+
+    The native walker (csrc/tartree.c) writes the same bytes without the GIL; walk_tree below
+    is its readable version, which runs when the extension is missing."""
+    if native.tar_tree is not None:
+        mapping = options.id_mapping
+        root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
+        try:
+            failure = native.tar_tree(
+                root_fd, out_fd, options.convert_whiteouts, options.skip_aufs_metadata,
+                OPEN_LEVELS, [(r.container_id, r.host_id, r.size) for r in mapping.uids.ranges],
+                [(r.container_id, r.host_id, r.size) for r in mapping.gids.ranges])
+        finally:
+            os.close(root_fd)
+        if failure is not None:
+            raise _io_failure(failure) from failure
+        return
+    walk_tree(root, out_fd, options)
+
+
+def walk_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
+    """write_tree in Python, one entry at a time."""
     writer = TarWriter(out_fd, options)
     root_fd = os.dup(root) if isinstance(root, int) else os.open(root, DIR_FLAGS)
     stack = [_Level(root_fd, "", iter(_sorted_entries(root_fd)))]
@@ -240,8 +275,8 @@ def write_tree(root: str | int, out_fd: int, options: ExportOptions) -> None:
             if (options.skip_aufs_metadata and not prefix
                     and base.startswith(whiteouts.META_PREFIX) and base != whiteouts.OPAQUE_MARKER):
                 continue
-            try:
-                info = entry.stat(follow_symlinks=False)
+            try:  # not entry.stat(): it keeps the fd of the listing, which may be closed
+                info = os.lstat(base, dir_fd=parent_fd)
             except FileNotFoundError:
                 continue
             if options.convert_whiteouts and whiteouts.is_overlay_whiteout(info):

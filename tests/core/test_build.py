@@ -59,8 +59,10 @@ def test_sdist_carries_the_sources(tmp_path: Path) -> None:
     (archive,) = tmp_path.glob("aufs-*.tar.gz")
     with tarfile.open(archive) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    csrc = sorted(f"csrc/{path.name}" for path in (REPO / "csrc").iterdir()
+                  if path.suffix in (".c", ".h"))
+    assert "csrc/unpackrun.c" in csrc
     for required in ("setup.py", "pyproject.toml", "aufs/_native.pyx", "aufs/_native.pxd",
                      "aufs/__init__.pxd", "aufs/_core.pxd", "aufs/_native.pyi", "aufs/py.typed",
-                     "csrc/aufs_core.h", "csrc/dirsize.c", "csrc/mountdata.c",
-                     "csrc/mountfrom.c", "csrc/nameset.c", "csrc/crc64.c", "csrc/syscalls.c"):
+                     *csrc):
         assert required in names, f"{required} missing from the sdist"
