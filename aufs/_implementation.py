@@ -35,6 +35,7 @@ else:
     _chosen = _choose()
 
 IMPLEMENTATION: str = _chosen.IMPLEMENTATION
+MNT_DETACH = _fallback.MNT_DETACH  # umount2(2): detach now, clean up when no longer busy
 IOQueue = _chosen.IOQueue
 aufs_mount_data = _chosen.aufs_mount_data
 crc64_iso = _chosen.crc64_iso
@@ -66,6 +67,7 @@ unshare = _fallback.unshare  # pure Python on both paths
 
 __all__ = [
     "IMPLEMENTATION",
+    "MNT_DETACH",
     "UNPACK_ERROR",
     "UNPACK_NEED_DATA",
     "UNPACK_PARENT",

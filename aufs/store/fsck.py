@@ -30,8 +30,6 @@ from aufs.store.layout import INCOMPLETE_SUFFIX, Store, short_link_name
 from aufs.store.locking import LayerReferences, RootLock, lock_would_block
 from aufs.store.treewalk import walk
 
-MNT_DETACH = 0x2
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -367,7 +365,7 @@ def _repair_one(store: Store, problem: Problem) -> None:
     from aufs.store.migrate import migrate, to_overlay
 
     if problem.code == "orphan-mount":
-        native.unmount(problem.path, MNT_DETACH)
+        native.unmount(problem.path, native.MNT_DETACH)
     elif problem.code in ("stale-removing", "abandoned-staging", "orphan-short-link"):
         remove_tree(problem.path)
     elif problem.code == "bad-short-link":
@@ -377,7 +375,7 @@ def _repair_one(store: Store, problem: Problem) -> None:
         store.ensure_short_link(layer)
     elif problem.code == "orphan-dir":
         if os.path.ismount(problem.path):
-            native.unmount(problem.path, MNT_DETACH)
+            native.unmount(problem.path, native.MNT_DETACH)
         atomic_remove(problem.path)
     elif problem.code == "incomplete-layer":
         layer = os.path.basename(problem.path)

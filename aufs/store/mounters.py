@@ -15,7 +15,7 @@ from typing import Protocol
 from aufs import _implementation as native
 
 MS_REMOUNT = 0x20
-MNT_DETACH = 0x2
+MNT_DETACH = native.MNT_DETACH
 
 
 class Mounter(Protocol):

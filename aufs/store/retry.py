@@ -8,11 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aufs import _implementation as native
 from aufs.errors import MountError, UnmountBusyError
 
 log = logging.getLogger(__name__)
-
-MNT_DETACH = 0x2
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def unmount_with_retries(
     if force:
         log.warning("unmount %s: still busy after %d tries; detaching it lazily", target,
                     attempts)
-        unmount(target, MNT_DETACH)
+        unmount(target, native.MNT_DETACH)
         return True
     raise UnmountBusyError(
         f"{target} is still busy after {attempts} unmount attempts: a process holds a file or "
