@@ -82,6 +82,30 @@ def test_a_changed_layer_gets_a_fresh_tar_and_a_warning(driver: aufs.Driver,
     assert driver.verified_diff_id("layer") is None
 
 
+def test_a_change_the_ctimes_miss_is_caught_by_the_crcs(driver: aufs.Driver,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """The check before a replay compares each file's CRC-64 with the record's, so a change
+    that no ctime shows (here: the record made to look newer than the change) still gets a
+    fresh tar and a warning, never a replay whose digest is wrong."""
+    data = odd_archive()
+    driver.create("layer")
+    driver.apply_diff("layer", "", io.BytesIO(data), record=True)
+    branch = driver.store.diff_path("layer")
+    with open(os.path.join(branch, "usr", "lib", "x" * 150), "r+b") as handle:
+        handle.seek(1500)
+        handle.write(b"?")  # same size
+    record = driver.store.read_record("layer")
+    later = time.time_ns() + 10**10
+    os.utime(record.tar_split, ns=(later, later))
+    os.utime(branch, ns=(later - 10**9, later - 10**9))
+    assert driver.verified_diff_id("layer") is None
+    with caplog.at_level(logging.WARNING):
+        fresh = diff_bytes(driver, "layer")
+    assert fresh != data
+    assert any("CRC-64 differs" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("change", ["content", "added", "removed", "chmod", "longer"])
 def test_every_kind_of_change_is_noticed(driver: aufs.Driver, change: str) -> None:
     data = odd_archive()
