@@ -923,6 +923,20 @@ class _Member(NamedTuple):
     data_offset: int
 
 
+def _left_to_the_spec(block: bytes) -> bool:
+    """Whether the native header parser, strict, leaves this header to parse_tar_header: a
+    checksum summed over signed chars, or a base-256 number that is negative or past int64
+    in mode, uid, gid, size or mtime (the native run stops there, as this one must)."""
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if int(block[148:156].split(b"\0", 1)[0].strip(b" "), 8) != unsigned:
+        return True
+    for start, length in ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12)):
+        field = block[start:start + length]
+        if field[0] & 0x80 and (field[0] != 0x80 or int.from_bytes(field[1:], "big") >> 63):
+            return True
+    return False
+
+
 def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
              max_file_size: int) -> tuple[int, _Member | None]:
     """The member at position: (0, member) when a run may create it, else (status, member
@@ -936,7 +950,7 @@ def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
         name, kind, mode, uid, gid, size, mtime, linkname, _, _, _ = parse_tar_header(block)
     except ValueError:
         return UNPACK_OTHER, None
-    if min(uid, gid, size, mtime) < 0:  # base-256 negatives: the native parser leaves them
+    if _left_to_the_spec(block):
         return UNPACK_OTHER, None
     if kind in (b"\0", b"7"):
         kind = b"0"
