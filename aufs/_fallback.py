@@ -966,11 +966,11 @@ def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
     if ((kind != b"0" and size) or uid >= _ID_LIMIT or gid >= _ID_LIMIT
             or mtime >= _TIME_LIMIT_SECONDS or (kind == b"2" and not linkname)):
         return UNPACK_OTHER, member
+    if (base in (b"", b".", b"..") or base.startswith(b".wh.") or b"/" in base
+            or len(base) >= 256):  # before the directory: "a/f/" must not make "a/f" one
+        return UNPACK_OTHER, member
     if prefix is None or name[:directory_length] != prefix:
         return UNPACK_PARENT, member
-    if (base in (b"", b".", b"..") or base.startswith(b".wh.") or b"/" in base
-            or len(base) >= 256):
-        return UNPACK_OTHER, member
     if size > max_file_size:
         return UNPACK_OTHER, member
     if position + 512 + size + (-size % 512) > end:
@@ -1045,7 +1045,10 @@ def unpack_run(buffer: memoryview, position: int, end: int, padding: int, parent
         created += 1
         last_name = member.name
         data_bytes += member.size
-        added_size += member.size if member.kind == b"0" else len(member.linkname)
+        if member.kind == b"0":
+            added_size += member.size
+        elif member.kind == b"2":  # a directory's linkname field, if any, counts for nothing
+            added_size += len(member.linkname)
         position, padding = data_end, -member.size % 512
         mark = position
         at = position + padding

@@ -122,3 +122,45 @@ def test_native_run_and_spec_stop_alike_at_headers_left_to_the_spec(
         outcomes.append((run, sorted(os.listdir(target))))
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0].status == _fallback.UNPACK_OTHER
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="runs are taken as root only (owners)")
+@pytest.mark.parametrize("name", ["a/f/", "a/f/.", "l/"])
+def test_a_member_no_run_can_make_opens_no_directory_for_it(tmp_path: Path, name: str,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A file or symlink spelled with a trailing slash (or "/.") is the entry-by-entry
+    path's: a run must not first make its name a directory, as the parent of a member."""
+    kind = tarfile.SYMTYPE if name.startswith("l") else tarfile.REGTYPE
+    data = archive([member("a/", tarfile.DIRTYPE), member("a/g", data=b"1"),
+                    member(name, kind, data=b"" if kind == tarfile.SYMTYPE else b"2",
+                           linkname="a")], tarfile.GNU_FORMAT)
+    results = []
+    for runs in (True, False):
+        monkeypatch.setattr(extract, "UNPACK_RUNS", runs)
+        target = tmp_path / str(runs)
+        target.mkdir()
+        results.append(extract.extract(io.BytesIO(data), str(target),
+                                       extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
+    assert results[0] == results[1]
+    assert not results[0].removed_something
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="runs are taken as root only (owners)")
+@pytest.mark.parametrize("kind", [tarfile.DIRTYPE, tarfile.REGTYPE])
+def test_a_stray_linkname_adds_nothing_to_the_size(tmp_path: Path, kind: bytes,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a symlink's target counts in added_size, whatever the linkname field of a
+    directory or file holds (both implementations' runs)."""
+    data = archive([member("d/", tarfile.DIRTYPE),
+                    member("d/x", kind, data=b"abc", linkname="stray-target")],
+                   tarfile.GNU_FORMAT)
+    results = []
+    for runs in (True, False):
+        monkeypatch.setattr(extract, "UNPACK_RUNS", runs)
+        target = tmp_path / str(runs)
+        target.mkdir()
+        results.append(extract.extract(io.BytesIO(data), str(target),
+                                       extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
+    assert results[0] == results[1]
+    assert results[0].added_size == (3 if kind == tarfile.REGTYPE else 0)
