@@ -1011,6 +1011,8 @@ def unpack_run(buffer: memoryview, position: int, end: int, padding: int, parent
     directory's times go into directory_times for the caller to set last. Every other member
     stops the run untouched (so does one whose name is taken: EEXIST), as does a failure.
     The recorder, if any, is told of each member created as a TarReader tells it."""
+    if not 0 <= position <= end <= len(buffer) or padding < 0:
+        raise ValueError("unpack_run: position, end and padding do not fit the buffer")
     created = data_bytes = added_size = 0
     last_name = b""
     mark = position

@@ -164,3 +164,15 @@ def test_a_stray_linkname_adds_nothing_to_the_size(tmp_path: Path, kind: bytes,
                                        extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
     assert results[0] == results[1]
     assert results[0].added_size == (3 if kind == tarfile.REGTYPE else 0)
+
+
+@pytest.mark.parametrize("impl", [NATIVE, _fallback], ids=["native", "fallback"])
+@pytest.mark.parametrize(("position", "end", "padding"), [(600, 512, 0), (0, 2048, 0),
+                                                          (0, 512, -1)])
+def test_a_run_outside_its_buffer_is_refused(tmp_path: Path, impl: object, position: int,
+                                             end: int, padding: int) -> None:
+    if impl is None:
+        pytest.skip("the native extension was not built")
+    with pytest.raises(ValueError, match="do not fit the buffer"):
+        impl.unpack_run(memoryview(bytearray(1024)), position, end,  # type: ignore[attr-defined]
+                        padding, -1, None, "", 1 << 19, None, [])
