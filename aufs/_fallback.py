@@ -923,6 +923,20 @@ class _Member(NamedTuple):
     data_offset: int
 
 
+def _left_to_the_spec(block: bytes) -> bool:
+    """Whether the native header parser, strict, leaves this header to parse_tar_header: a
+    checksum summed over signed chars, or a base-256 number that is negative or past int64
+    in mode, uid, gid, size or mtime (the native run stops there, as this one must)."""
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if int(block[148:156].split(b"\0", 1)[0].strip(b" "), 8) != unsigned:
+        return True
+    for start, length in ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12)):
+        field = block[start:start + length]
+        if field[0] & 0x80 and (field[0] != 0x80 or int.from_bytes(field[1:], "big") >> 63):
+            return True
+    return False
+
+
 def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
              max_file_size: int) -> tuple[int, _Member | None]:
     """The member at position: (0, member) when a run may create it, else (status, member
@@ -936,7 +950,7 @@ def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
         name, kind, mode, uid, gid, size, mtime, linkname, _, _, _ = parse_tar_header(block)
     except ValueError:
         return UNPACK_OTHER, None
-    if min(uid, gid, size, mtime) < 0:  # base-256 negatives: the native parser leaves them
+    if _left_to_the_spec(block):
         return UNPACK_OTHER, None
     if kind in (b"\0", b"7"):
         kind = b"0"
@@ -952,11 +966,11 @@ def _examine(buffer: memoryview, position: int, end: int, prefix: bytes | None,
     if ((kind != b"0" and size) or uid >= _ID_LIMIT or gid >= _ID_LIMIT
             or mtime >= _TIME_LIMIT_SECONDS or (kind == b"2" and not linkname)):
         return UNPACK_OTHER, member
+    if (base in (b"", b".", b"..") or base.startswith(b".wh.") or b"/" in base
+            or len(base) >= 256):  # before the directory: "a/f/" must not make "a/f" one
+        return UNPACK_OTHER, member
     if prefix is None or name[:directory_length] != prefix:
         return UNPACK_PARENT, member
-    if (base in (b"", b".", b"..") or base.startswith(b".wh.") or b"/" in base
-            or len(base) >= 256):
-        return UNPACK_OTHER, member
     if size > max_file_size:
         return UNPACK_OTHER, member
     if position + 512 + size + (-size % 512) > end:
@@ -997,6 +1011,8 @@ def unpack_run(buffer: memoryview, position: int, end: int, padding: int, parent
     directory's times go into directory_times for the caller to set last. Every other member
     stops the run untouched (so does one whose name is taken: EEXIST), as does a failure.
     The recorder, if any, is told of each member created as a TarReader tells it."""
+    if not 0 <= position <= end <= len(buffer) or padding < 0:
+        raise ValueError("unpack_run: position, end and padding do not fit the buffer")
     created = data_bytes = added_size = 0
     last_name = b""
     mark = position
@@ -1031,7 +1047,10 @@ def unpack_run(buffer: memoryview, position: int, end: int, padding: int, parent
         created += 1
         last_name = member.name
         data_bytes += member.size
-        added_size += member.size if member.kind == b"0" else len(member.linkname)
+        if member.kind == b"0":
+            added_size += member.size
+        elif member.kind == b"2":  # a directory's linkname field, if any, counts for nothing
+            added_size += len(member.linkname)
         position, padding = data_end, -member.size % 512
         mark = position
         at = position + padding

@@ -144,11 +144,13 @@ static int examine(const struct aufs_unpack_run *run, size_t position,
         memcpy(entry->linkname, header.linkname, header.linkname_length);
         entry->linkname_length = header.linkname_length;
     }
+    /* before its directory is asked for: a name spelled "a/f/" or "a/f/." is the Python
+     * path's, and must not make "a/f" a directory on the way */
+    if (!plain_base(header.name + entry->directory_length, entry->base_length))
+        return AUFS_UNPACK_OTHER;
     if (!run->parent_known || entry->directory_length != run->prefix_length ||
         memcmp(header.name, run->prefix, run->prefix_length) != 0)
         return AUFS_UNPACK_PARENT;
-    if (!plain_base(header.name + entry->directory_length, entry->base_length))
-        return AUFS_UNPACK_OTHER;
     if (header.size > (int64_t)run->max_file_size)
         return AUFS_UNPACK_OTHER; /* written streaming by the Python path */
     uint64_t padded = ((uint64_t)header.size + BLOCK - 1) / BLOCK * BLOCK;

@@ -114,9 +114,9 @@ class Extractor:
         runs = UNPACK_RUNS and self._runs_fit()
         try:
             while True:
-                if runs:
-                    name = self._unpack_runs(reader) or name
                 try:
+                    if runs:  # it first skips what the last entry left unread: it may be cut
+                        name = self._unpack_runs(reader) or name
                     header = reader.next()
                 except TarFormatError as error:
                     where = "the archive" if name.startswith("(") else f"after entry {name!r}"
@@ -250,7 +250,11 @@ class Extractor:
         """Files that fit in the reader's buffer: data and metadata in one native call;
         bigger and sparse ones are written streaming."""
         if header.sparse is None and not header.xattrs:
-            data = reader.buffered_data()  # no copy: a view into the reader's buffer
+            try:
+                data = reader.buffered_data()  # no copy: a view into the reader's buffer
+            except TarFormatError:  # cut short: fd is still ours
+                os.close(fd)
+                raise
             if data is not None:
                 owner = (uid, gid) if self.is_root else self._owner_we_may_set(uid, gid)
                 native.finish_file(fd, data, owner, header.mode, *self._times(header),

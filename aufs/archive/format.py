@@ -125,10 +125,13 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
 
 ID_LIMIT = 2**32 - 1  # (uid_t)-1 means "no change" to chown
 TIME_LIMIT_NS = 2**33 * 1_000_000_000  # about 272 years either side of 1970
+SIZE_LIMIT = 2**63  # Go's archive/tar (an int64) and the native reader take no more
 
 
 def check_ranges(header: TarHeader) -> None:
     """Refuses numbers no filesystem can take: the header parsed, but it is not a file."""
+    if header.size >= SIZE_LIMIT:
+        raise TarFormatError(f"size {header.size} is out of range")
     for what, value, limit in (("uid", header.uid, ID_LIMIT), ("gid", header.gid, ID_LIMIT),
                                ("devmajor", header.devmajor, 2**32),
                                ("devminor", header.devminor, 2**32)):
