@@ -1090,6 +1090,8 @@ cdef class TarSplitCollector:
         return 0
 
     cdef int append_pending(self, const char *data, Py_ssize_t size) except -1:
+        if size == 0:
+            return 0
         grow(&self.pending, &self.pending_capacity, self.pending_size + size, 4096)
         memcpy(self.pending + self.pending_size, data, size)
         self.pending_size += size

@@ -23,7 +23,8 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+/* O_NONBLOCK: a FIFO swapped in after the fstatat must not hang the walk (no effect on files) */
+#define READ_FLAGS (O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
 #define DIR_FLAGS (O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
 #define FLUSH_AT (64 * 1024)
 #define WHITEOUT_PREFIX ".wh."
@@ -485,6 +486,12 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
     int fd = openat(parent_fd, base, READ_FLAGS);
     if (fd < 0)
         return fail(walk, -errno, name);
+    struct stat opened;
+    if (fstat(fd, &opened) != 0 || !S_ISREG(opened.st_mode) || opened.st_dev != info->st_dev ||
+        opened.st_ino != info->st_ino) {
+        close(fd); /* another entry took its name since it was listed */
+        return fail(walk, -ESTALE, name);
+    }
     rc = read_xattrs(fd, &walk->xattrs);
     if (rc < 0) {
         close(fd);
@@ -500,13 +507,19 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
     return submit(walk, fd, header.size, name);
 }
 
-static int push_level(struct tar_walk *walk, int fd, const char *prefix, size_t prefix_size)
+/* Puts fd on the stack, where pop_level closes it; when that fails, fd is closed here if
+ * `owned` (a child's, not the caller's root). */
+static int push_level(struct tar_walk *walk, int fd, const char *prefix, size_t prefix_size,
+                      int owned)
 {
     if (walk->depth == walk->stack_capacity) {
         size_t capacity = walk->stack_capacity ? walk->stack_capacity * 2 : 16;
         struct level *stack = realloc(walk->stack, capacity * sizeof *stack);
-        if (stack == NULL)
+        if (stack == NULL) {
+            if (owned)
+                close(fd);
             return -ENOMEM;
+        }
         walk->stack = stack;
         walk->stack_capacity = capacity;
     }
@@ -514,8 +527,11 @@ static int push_level(struct tar_walk *walk, int fd, const char *prefix, size_t 
     memset(level, 0, sizeof *level);
     level->fd = fd;
     level->prefix = malloc(prefix_size + 1);
-    if (level->prefix == NULL)
+    if (level->prefix == NULL) {
+        if (owned)
+            close(fd);
         return -ENOMEM;
+    }
     memcpy(level->prefix, prefix, prefix_size);
     level->prefix[prefix_size] = '\0';
     level->prefix_size = prefix_size;
@@ -571,7 +587,7 @@ static int reopen(struct tar_walk *walk)
 static int walk_tree(struct tar_walk *walk, int root_fd)
 {
     const struct aufs_tar_tree_options *options = walk->options;
-    int rc = push_level(walk, root_fd, "", 0);
+    int rc = push_level(walk, root_fd, "", 0, 0);
     while (rc == 0 && walk->depth > 0) {
         struct level *level = &walk->stack[walk->depth - 1];
         if (level->next == level->count) {
@@ -611,7 +627,7 @@ static int walk_tree(struct tar_walk *walk, int root_fd)
         if (child_fd < 0)
             continue;
         /* walk->name is the directory's name with its slash */
-        if ((rc = push_level(walk, child_fd, walk->name.data, walk->name.size)) < 0)
+        if ((rc = push_level(walk, child_fd, walk->name.data, walk->name.size, 1)) < 0)
             return rc;
         struct level *child = &walk->stack[walk->depth - 1];
         if (options->convert_whiteouts && is_opaque(child_fd) && !has_name(child, OPAQUE_MARKER)) {

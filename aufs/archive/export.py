@@ -38,7 +38,8 @@ from aufs.errors import DiffError
 
 log = logging.getLogger(__name__)
 
-READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in after the entry was listed must not hang the walk
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FLUSH_AT = 64 * 1024
 F_SETPIPE_SZ = 1031
@@ -147,6 +148,11 @@ class TarWriter:
             return
         header.size = info.st_size
         data_fd = os.open(base, READ_FLAGS, dir_fd=parent_fd)
+        opened = os.fstat(data_fd)
+        if (not stat.S_ISREG(opened.st_mode)
+                or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino)):
+            os.close(data_fd)  # another entry took its name since it was listed
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), name)
         try:
             header.xattrs = _exported_xattrs(data_fd, parent_fd, base, mode)
             self._emit(build_header(header))
