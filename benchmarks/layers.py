@@ -133,7 +133,7 @@ def main(arguments: list[str]) -> None:
         report("diff of a recorded layer: checked, then replayed (ratio to a fresh diff)",
                [("Driver.diff, fresh tar (peer)", fresh, ""),
                 ("Driver.diff, exact (check + replay)", replayed, ""),
-                ("  of which the check (walk + hash)", checked, "")], fresh)
+                ("  of which the check (walk + CRC-64s)", checked, "")], fresh)
         driver.cleanup()
 
 
