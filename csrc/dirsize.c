@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include "aufs_core.h"
+#include "dents.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -24,14 +25,6 @@
 
 #define MAX_THREADS 8
 #define DENTS_BUFFER_SIZE (64 * 1024)
-
-struct linux_dirent64 {
-    uint64_t d_ino;
-    int64_t d_off;
-    unsigned short d_reclen;
-    unsigned char d_type;
-    char d_name[];
-};
 
 struct pending_dir {
     struct pending_dir *next;

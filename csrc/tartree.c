@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "aufs_core.h"
+#include "dents.h"
 #include "tarbuild.h"
 
 #include <errno.h>
@@ -93,14 +94,6 @@ static void link_free(struct link_map *map)
 }
 
 /* ---- directory listings --------------------------------------------------------------------- */
-
-struct linux_dirent64 {
-    uint64_t d_ino;
-    int64_t d_off;
-    unsigned short d_reclen;
-    unsigned char d_type;
-    char d_name[];
-};
 
 struct level {
     int fd;         /* -1 while closed to save fds */
@@ -401,6 +394,32 @@ static int read_link(struct tar_walk *walk, int parent_fd, const char *base, siz
 }
 
 /* One entry; a directory's open fd (for its listing) is left in *directory_fd. */
+/* Opens a directory or regular file of the walk (a file must still be the inode the listing
+ * saw) and puts its xattrs in the header: the fd, or what fail() returns, naming the header's
+ * entry. */
+static int open_with_xattrs(struct tar_walk *walk, int parent_fd, const char *base,
+                            const struct stat *info, struct aufs_tar_entry *header)
+{
+    int directory = S_ISDIR(info->st_mode);
+    int fd = openat(parent_fd, base, directory ? DIR_FLAGS : READ_FLAGS);
+    if (fd < 0)
+        return fail(walk, -errno, header->name);
+    struct stat opened;
+    if (!directory && (fstat(fd, &opened) != 0 || !S_ISREG(opened.st_mode) ||
+                       opened.st_dev != info->st_dev || opened.st_ino != info->st_ino)) {
+        close(fd); /* another entry took its name since it was listed */
+        return fail(walk, -ESTALE, header->name);
+    }
+    int rc = read_xattrs(fd, &walk->xattrs);
+    if (rc < 0) {
+        close(fd);
+        return fail(walk, rc, header->name);
+    }
+    header->xattrs = walk->xattrs.items;
+    header->xattr_count = walk->xattrs.count;
+    return fd;
+}
+
 static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
                      const struct stat *info, int *directory_fd)
 {
@@ -462,16 +481,9 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
         walk->links.count++;
     }
     if (S_ISDIR(mode)) {
-        int fd = openat(parent_fd, base, DIR_FLAGS);
+        int fd = open_with_xattrs(walk, parent_fd, base, info, &header);
         if (fd < 0)
-            return fail(walk, -errno, name);
-        rc = read_xattrs(fd, &walk->xattrs);
-        if (rc < 0) {
-            close(fd);
-            return fail(walk, rc, name);
-        }
-        header.xattrs = walk->xattrs.items;
-        header.xattr_count = walk->xattrs.count;
+            return fd;
         rc = emit(walk, &header);
         if (rc < 0) {
             close(fd);
@@ -483,22 +495,9 @@ static int add_entry(struct tar_walk *walk, int parent_fd, const char *base,
     if (!S_ISREG(mode))
         return emit(walk, &header);
     header.size = (uint64_t)info->st_size;
-    int fd = openat(parent_fd, base, READ_FLAGS);
+    int fd = open_with_xattrs(walk, parent_fd, base, info, &header);
     if (fd < 0)
-        return fail(walk, -errno, name);
-    struct stat opened;
-    if (fstat(fd, &opened) != 0 || !S_ISREG(opened.st_mode) || opened.st_dev != info->st_dev ||
-        opened.st_ino != info->st_ino) {
-        close(fd); /* another entry took its name since it was listed */
-        return fail(walk, -ESTALE, name);
-    }
-    rc = read_xattrs(fd, &walk->xattrs);
-    if (rc < 0) {
-        close(fd);
-        return fail(walk, rc, name);
-    }
-    header.xattrs = walk->xattrs.items;
-    header.xattr_count = walk->xattrs.count;
+        return fd;
     rc = aufs_tar_build_header(&walk->pending, &header, &walk->pax);
     if (rc < 0) {
         close(fd);

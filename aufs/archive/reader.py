@@ -128,11 +128,7 @@ class TarReader:
         """Unpacks the plain members that follow straight from the buffer (native.unpack_run
         says which, and where they go), reading more whenever the next one is not all there
         yet; the reader then stands where the run stopped, as if next() had read up to it."""
-        self._skip(self._data_left, may_end=False)
-        self._data_left = 0
-        if self._recorder is not None:
-            self._recorder.end_file(self._view[self._mark:self._start])
-            self._mark = self._start
+        self._end_member()
         entries = data_bytes = added_size = 0
         last_name = b""
         while True:
@@ -153,6 +149,15 @@ class TarReader:
                 break  # the stream ends here: next() says how
         return run._replace(entries=entries, data_bytes=data_bytes, added_size=added_size,
                             last_name=last_name)
+
+    def _end_member(self) -> None:
+        """Skips what is left of the current member's data, and tells the recorder where it
+        ends (its padding is the next member's, or the end's)."""
+        self._skip(self._data_left, may_end=False)
+        self._data_left = 0
+        if self._recorder is not None:
+            self._recorder.end_file(self._view[self._mark:self._start])
+            self._mark = self._start
 
     def _hand_over(self) -> None:
         """The bytes consumed since the last hand-over, to the recorder: file data while it
@@ -195,12 +200,8 @@ class TarReader:
 
     def next(self) -> TarHeader | None:
         """The next member's header with its extensions applied; None at the end."""
-        self._skip(self._data_left, may_end=False)
-        self._data_left = 0
+        self._end_member()
         recorder = self._recorder
-        if recorder is not None:
-            recorder.end_file(self._view[self._mark:self._start])
-            self._mark = self._start
         self._skip(self._padding_left, may_end=True)  # a missing last padding is accepted
         self._padding_left = 0
         pax: dict[str, bytes] = {}

@@ -9,7 +9,6 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from aufs.archive.export import ExportOptions, walk_tree, write_tree
 from aufs.archive.idmap import IdentityMapping, IDMap
 from aufs.errors import DiffError
 from aufs.store.atomic import remove_tree
-from conftest import IS_ROOT, NATIVE, tmpfs_mount
+from conftest import IS_ROOT, NATIVE
 
 pytestmark = pytest.mark.skipif(NATIVE is None or export.native.IMPLEMENTATION != "native",
                                 reason="the native walker is not built or not chosen")
@@ -124,13 +123,10 @@ MAPPED = IdentityMapping(
 
 
 @pytest.fixture(scope="module")
-def tree_scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="aufs-tar-tree-") as base:
-        if not IS_ROOT:
-            yield Path(base)
-            return
-        with tmpfs_mount(Path(base) / "tmpfs", "512m") as mounted:
-            yield mounted
+def tree_scratch(session_scratch: Path) -> Path:
+    path = session_scratch / "tar-tree"
+    path.mkdir()
+    return path
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="devices, owners and trusted.* xattrs need root")

@@ -29,6 +29,19 @@ def fix_checksum(block: bytearray) -> bytearray:
     return block
 
 
+def with_and_without_runs(data: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                          ) -> list[extract.ExtractResult]:
+    """What extracting data gives with runs, then entry by entry, each in a fresh folder."""
+    results = []
+    for runs in (True, False):
+        monkeypatch.setattr(extract, "UNPACK_RUNS", runs)
+        target = tmp_path / str(runs)
+        target.mkdir()
+        results.append(extract.extract(io.BytesIO(data), str(target),
+                                       extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
+    return results
+
+
 def unpack(data: bytes, target: Path, mode: extract.WhiteoutMode, runs: bool,
            monkeypatch: pytest.MonkeyPatch) -> str:
     """The error's type and message, with the fds open before and after compared."""
@@ -135,13 +148,7 @@ def test_a_member_no_run_can_make_opens_no_directory_for_it(tmp_path: Path, name
     data = archive([member("a/", tarfile.DIRTYPE), member("a/g", data=b"1"),
                     member(name, kind, data=b"" if kind == tarfile.SYMTYPE else b"2",
                            linkname="a")], tarfile.GNU_FORMAT)
-    results = []
-    for runs in (True, False):
-        monkeypatch.setattr(extract, "UNPACK_RUNS", runs)
-        target = tmp_path / str(runs)
-        target.mkdir()
-        results.append(extract.extract(io.BytesIO(data), str(target),
-                                       extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
+    results = with_and_without_runs(data, tmp_path, monkeypatch)
     assert results[0] == results[1]
     assert not results[0].removed_something
 
@@ -155,13 +162,7 @@ def test_a_stray_linkname_adds_nothing_to_the_size(tmp_path: Path, kind: bytes,
     data = archive([member("d/", tarfile.DIRTYPE),
                     member("d/x", kind, data=b"abc", linkname="stray-target")],
                    tarfile.GNU_FORMAT)
-    results = []
-    for runs in (True, False):
-        monkeypatch.setattr(extract, "UNPACK_RUNS", runs)
-        target = tmp_path / str(runs)
-        target.mkdir()
-        results.append(extract.extract(io.BytesIO(data), str(target),
-                                       extract.ExtractOptions(extract.WhiteoutMode.LITERAL)))
+    results = with_and_without_runs(data, tmp_path, monkeypatch)
     assert results[0] == results[1]
     assert results[0].added_size == (3 if kind == tarfile.REGTYPE else 0)
 
