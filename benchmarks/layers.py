@@ -22,6 +22,8 @@ from benchmarks.common import peak_rss_kib, report, report_memory, tmpfs_scratch
 from benchmarks.tree import build_tree
 
 CACHE = Path(os.environ.get("AUFS_BENCH_CACHE", "/var/cache/aufs-bench"))
+# the recording table's rounds at least (its figure is a few percent: see _recording)
+RECORDING_ROUNDS = 25
 
 
 def root_filesystem(scratch: Path) -> tuple[Path, str]:
@@ -153,40 +155,59 @@ def _recording(driver: aufs.Driver, our_apply: Callable[[], None], layer_tar: Pa
         with open(layer_tar, "rb") as stream:
             driver.apply_diff(layer, "", stream, record=diff_id)
 
-    plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver)
-    report("apply a layer, recording its tar-split (ratio to apply without)",
+    # the goal is a few percent, of the order of a VM's noise from one apply to the next:
+    # more rounds than the other tables, and the plain apply twice over (A/A), so that the
+    # table shows how far two runs of the very same thing differ
+    rounds = max(repeat, RECORDING_ROUNDS)
+    (plain, again, recorded), (plain_cpu, again_cpu, recorded_cpu) = _alternating_runs(
+        [our_apply, our_apply, our_apply_recorded], rounds, scratch, driver)
+    report(f"apply a layer, recording its tar-split (ratio to apply without; {rounds} rounds)",
            [("Driver.apply_diff (peer)", plain, ""),
+            ("Driver.apply_diff again (A/A: noise)", again, ""),
             ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
-    # the same in CPU time of this process (every thread: unpacking, I/O, gzip), which a
+    # the same runs in CPU time of this process (every thread: unpacking, I/O, gzip), which a
     # busy shared machine disturbs less than the wall clock
-    plain, recorded = _alternating(our_apply, our_apply_recorded, repeat, scratch, driver,
-                                   clock=time.process_time)
     report("apply a layer, recording its tar-split: CPU time of the process",
-           [("Driver.apply_diff (peer)", plain, ""),
-            ("apply_diff(record=diff_id)", recorded, "")], plain)
+           [("Driver.apply_diff (peer)", plain_cpu, ""),
+            ("Driver.apply_diff again (A/A: noise)", again_cpu, ""),
+            ("apply_diff(record=diff_id)", recorded_cpu, "")], plain_cpu)
     return diff_id
 
 
 def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int,
-                 scratch: Path, driver: aufs.Driver | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """Median times of peer and ours, run in turn in each round so that drift in the
-    machine's speed hits both alike. The trees they made are deleted between rounds,
-    untimed; the first round only warms the caches."""
-    timings: tuple[list[float], list[float]] = ([], [])
+                 scratch: Path, driver: aufs.Driver | None = None) -> tuple[float, float]:
+    """Median wall times of peer and ours (see _alternating_runs)."""
+    (peer_time, our_time), _ = _alternating_runs([peer, ours], repeat, scratch, driver)
+    return peer_time, our_time
+
+
+def _alternating_runs(runs: list[Callable[[], None]], repeat: int, scratch: Path,
+                      driver: aufs.Driver | None = None
+                      ) -> tuple[list[float], list[float]]:
+    """Median wall and CPU times of each run, taken in turns in each round so that drift in
+    the machine's speed hits them alike, in forward then reverse order from one round to the
+    next. The tree a run made is deleted right after it, untimed, so that each run starts
+    with the same memory in use: on a 2-core VM, with the trees of a round kept to its end,
+    one apply in five or so took 2 to 4 times as long, and mostly the later ones of a round.
+    The first round only warms the caches."""
+    wall: list[list[float]] = [[] for _ in runs]
+    cpu: list[list[float]] = [[] for _ in runs]
+    order = list(range(len(runs)))
     for round_number in range(repeat + 1):
-        for run, times in ((peer, timings[0]), (ours, timings[1])):
-            start = clock()
-            run()
+        for index in (order if round_number % 2 else order[::-1]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runs[index]()
             if round_number:
-                times.append(clock() - start)
-        for path in scratch.glob("gnu-*"):
-            shutil.rmtree(path)
-        if driver is not None:
-            for layer in driver.layer_ids():
-                if layer.startswith("layer-"):
-                    driver.remove(layer)
-    return statistics.median(timings[0]), statistics.median(timings[1])
+                wall[index].append(time.perf_counter() - start)
+                cpu[index].append(time.process_time() - start_cpu)
+            for path in scratch.glob("gnu-*"):
+                shutil.rmtree(path)
+            if driver is not None:
+                for layer in driver.layer_ids():
+                    if layer.startswith("layer-"):
+                        driver.remove(layer)
+    return ([statistics.median(times) for times in wall],
+            [statistics.median(times) for times in cpu])
 
 
 def _remove_store(path: Path) -> None:
