@@ -15,10 +15,12 @@ if os.environ.get("AUFS_NO_EXTENSIONS", "") in ("", "0"):
         "aufs._native",
         sources=["aufs/_native.pyx", "csrc/dirsize.c", "csrc/ioqueue.c", "csrc/mountdata.c",
                  "csrc/mountfrom.c", "csrc/nameset.c", "csrc/syscalls.c", "csrc/tarheader.c",
-                 "csrc/tarbuild.c", "csrc/tartree.c", "csrc/unpackrun.c", "csrc/crc64.c"],
+                 "csrc/tarbuild.c", "csrc/tartree.c", "csrc/unpackrun.c", "csrc/crc64.c",
+                 "csrc/gzlines.c"],
         include_dirs=["csrc"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         extra_link_args=["-pthread"],
+        libraries=["dl"],  # dlopen of libz, for tar-split (in libc itself since glibc 2.34)
     )
     extensions = cythonize([native], compiler_directives={"language_level": "3"})
 

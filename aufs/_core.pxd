@@ -159,6 +159,18 @@ cdef extern from "aufs_core.h" nogil:
 
     uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size)
 
+    ctypedef int (*aufs_lines_formatter)(const char *packed, size_t size, size_t count,
+                                         uint64_t position, char **lines,
+                                         size_t *length) noexcept nogil
+    struct aufs_gz_lines:
+        pass
+    aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
+                                       void (*release)(void *) noexcept nogil, int level)
+    int aufs_gz_lines_add(aufs_gz_lines *gz, char *packed, size_t size, size_t count,
+                          uint64_t position)
+    int aufs_gz_lines_finish(aufs_gz_lines *gz, unsigned char **out, size_t *size)
+    void aufs_gz_lines_drop(aufs_gz_lines *gz)
+
     uint64_t aufs_siphash13(const uint64_t *key, const void *data, size_t size)
     struct aufs_name_set:
         uint64_t key[2]

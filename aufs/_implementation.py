@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aufs import _fallback
 
@@ -56,6 +56,9 @@ renameat2 = _chosen.renameat2
 # aufs.archive.export.walk_tree, one floor up, as it builds headers with aufs.archive.format
 tar_tree: Callable[..., OSError | None] | None = getattr(_chosen, "tar_tree", None)
 TarSplitCollector = _chosen.TarSplitCollector
+# native only: tar-split's gzip on a C thread without the GIL (csrc/gzlines.c); without it,
+# aufs.archive.tarsplit.TarSplitRecorder compresses on a Python thread (the same file)
+GzipLines: Callable[..., Any] | None = getattr(_chosen, "GzipLines", None)
 tarsplit_lines = _chosen.tarsplit_lines
 unmount = _chosen.unmount
 unpack_run = _chosen.unpack_run
@@ -71,6 +74,7 @@ __all__ = [
     "UNPACK_ERROR",
     "UNPACK_NEED_DATA",
     "UNPACK_PARENT",
+    "GzipLines",
     "IOQueue",
     "TarSplitCollector",
     "UnpackRun",

@@ -10,7 +10,7 @@ import operator
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport (PyMem_Free, PyMem_Malloc, PyMem_RawFree, PyMem_RawMalloc,
-                          PyMem_Realloc)
+                          PyMem_RawRealloc)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
@@ -22,7 +22,8 @@ cdef extern from "Python.h":
     Py_ssize_t PyUnicode_GET_LENGTH(object text)
     Py_UCS4 PyUnicode_READ(int kind, const void *data, Py_ssize_t index)
 from libc.string cimport memcpy, memset
-from libc.errno cimport ENOENT
+from libc.errno cimport EINVAL, ENOENT, ENOMEM, errno
+from libc.stdlib cimport free
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cimport aufs._core as core
@@ -845,7 +846,7 @@ cdef class TarSplitBatch:
         self.count = 0
 
     def __dealloc__(self):
-        PyMem_Free(self.data)
+        PyMem_RawFree(self.data)
 
     def __len__(self):
         return self.count
@@ -916,6 +917,88 @@ cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
         PyMem_Free(entries)
 
 
+cdef int format_packed(const char *packed, size_t size, size_t count, uint64_t position,
+                       char **lines, size_t *length) noexcept nogil:
+    """batch_lines for GzipLines' thread, without the GIL: 0 or an errno value."""
+    cdef LineItem *entries = <LineItem *>PyMem_RawMalloc(max(count, 1) * sizeof(LineItem))
+    cdef LineBuffer out
+    cdef size_t bound = 0
+    lines[0] = NULL
+    length[0] = 0
+    if entries == NULL:
+        return ENOMEM
+    if unpack(packed, size, entries, count, &bound) < 0:
+        PyMem_RawFree(entries)
+        return EINVAL
+    out.data = <char *>PyMem_RawMalloc(max(bound, 1))
+    out.used = 0
+    if out.data == NULL:
+        PyMem_RawFree(entries)
+        return ENOMEM
+    write_lines(&out, entries, count, position)
+    PyMem_RawFree(entries)
+    lines[0] = out.data
+    length[0] = out.used
+    return 0
+
+
+cdef void release_raw(void *memory) noexcept nogil:
+    PyMem_RawFree(memory)
+
+
+cdef class GzipLines:
+    """Tar-split's gzip file, made from the batches a TarSplitCollector takes on a C thread
+    that never takes the GIL (see csrc/gzlines.c): add() each batch, then finish(). Raises
+    OSError(ENOSYS) when this system has no libz.so.1 to deflate with."""
+
+    cdef core.aufs_gz_lines *gz
+
+    def __cinit__(self, int level=1):
+        self.gz = core.aufs_gz_lines_start(format_packed, release_raw, level)
+        if self.gz == NULL:
+            raise OSError(errno, "tar-split's compressing thread: " + os.strerror(errno))
+
+    def __dealloc__(self):
+        self.close()
+
+    def add(self, TarSplitBatch batch, Py_ssize_t position):
+        """Hands the batch's entries, numbered from position, to the thread (batch is left
+        empty)."""
+        cdef int rc
+        if self.gz == NULL:
+            raise ValueError("GzipLines: already finished")
+        rc = core.aufs_gz_lines_add(self.gz, batch.data, batch.size, batch.count, position)
+        batch.data = NULL
+        batch.size = 0
+        batch.count = 0
+        if rc:
+            raise OSError(rc, "tar-split's compressing thread: " + os.strerror(rc))
+
+    def finish(self):
+        """The gzip file, once the thread has compressed every batch."""
+        cdef unsigned char *out = NULL
+        cdef size_t size = 0
+        cdef int rc
+        if self.gz == NULL:
+            raise ValueError("GzipLines: already finished")
+        with nogil:
+            rc = core.aufs_gz_lines_finish(self.gz, &out, &size)
+        self.gz = NULL
+        if rc:
+            raise OSError(rc, "tar-split's compressing thread: " + os.strerror(rc))
+        try:
+            return PyBytes_FromStringAndSize(<const char *>out, size)
+        finally:
+            free(out)
+
+    def close(self):
+        """Stops the thread and drops what it had (finish does not need it)."""
+        if self.gz != NULL:
+            with nogil:
+                core.aufs_gz_lines_drop(self.gz)
+            self.gz = NULL
+
+
 cdef int grow(char **buffer, Py_ssize_t *capacity, Py_ssize_t needed,
               Py_ssize_t smallest) except -1:
     """Makes buffer hold at least needed bytes: doubled, and never below smallest."""
@@ -924,7 +1007,7 @@ cdef int grow(char **buffer, Py_ssize_t *capacity, Py_ssize_t needed,
     if needed <= capacity[0]:
         return 0
     wanted = max(2 * capacity[0], needed, smallest)
-    grown = <char *>PyMem_Realloc(buffer[0], wanted)
+    grown = <char *>PyMem_RawRealloc(buffer[0], wanted)  # raw: freed without the GIL too
     if grown == NULL:
         raise MemoryError()
     buffer[0] = grown
@@ -984,8 +1067,8 @@ cdef class TarSplitCollector:
         self.hash_update = hash_update
 
     def __dealloc__(self):
-        PyMem_Free(self.packed)
-        PyMem_Free(self.pending)
+        PyMem_RawFree(self.packed)
+        PyMem_RawFree(self.pending)
         PyMem_Free(self.fingerprints)
         PyMem_Free(self.fingerprint_positions)
         core.aufs_name_set_free(&self.names)

@@ -211,6 +211,25 @@ int aufs_unpack_members(struct aufs_unpack_run *run);
 /* Go's crc64.Update with the ISO table: pass 0 first, then the previous result. */
 uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size);
 
+/* ---- gzlines.c: tar-split's gzip, on a thread that never takes Python's lock -------------- */
+
+/* Turns a packed batch of entries into their JSON lines (*lines, allocated so that the
+ * release function given with it frees it): 0 or an errno value. */
+typedef int (*aufs_lines_formatter)(const char *packed, size_t size, size_t count,
+                                    uint64_t position, char **lines, size_t *length);
+struct aufs_gz_lines;
+/* A started thread, or NULL with errno (ENOSYS: no libz.so.1 here). */
+struct aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
+                                          void (*release)(void *), int level);
+/* Queues a batch (packed is the thread's from then on): the first error so far, or 0. */
+int aufs_gz_lines_add(struct aufs_gz_lines *gz, char *packed, size_t size, size_t count,
+                      uint64_t position);
+/* Waits for every batch, ends the stream, and frees gz: *out (free() it) is the whole gzip
+ * file; or an errno value. */
+int aufs_gz_lines_finish(struct aufs_gz_lines *gz, unsigned char **out, size_t *size);
+/* Stops the thread, drops what it had, and frees gz. */
+void aufs_gz_lines_drop(struct aufs_gz_lines *gz);
+
 /* ---- nameset.c: tar-split's set of names seen ------------------------------------------------ */
 
 /* SipHash-1-3 of data under a 128-bit key. */
