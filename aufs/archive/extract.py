@@ -136,6 +136,8 @@ class Extractor:
                     self.tree.settle()  # no directory fd is held from one entry to the next
                 self.result.entries += 1
                 self.result.header_bytes += header.realsize or header.size
+            if self.options.tar_split is not None:  # its last batch compresses meanwhile
+                self.options.tar_split.archive_read()
             self._set_directory_times()
         finally:
             self.tree.close()

@@ -237,6 +237,7 @@ class TarSplitRecorder(native.TarSplitCollector):
         self._batches: queue.SimpleQueue[tuple[Sequence[bytes | tuple[str, int, int]], int] | None]
         self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
+        self._read = False  # archive_read() was called
         self._finished: bytes | None = None
 
     def batch_ready(self) -> None:
@@ -264,11 +265,18 @@ class TarSplitRecorder(native.TarSplitCollector):
             self._compressing.join()
             self._compressing = None
 
+    def archive_read(self) -> None:
+        """The archive was read to its end: its last entries go to the compressing thread
+        now, to be compressed while the caller finishes its work (finish() does it too)."""
+        if not self._read:
+            self._read = True
+            self.end_segment()
+            self._compress()
+
     def finish(self) -> bytes:
         """The tar-split file's content (gzip); call once the archive is read to its end."""
         if self._finished is None:
-            self.end_segment()
-            self._compress()
+            self.archive_read()
             if self._gzip is not None:
                 self._finished = self._gzip.finish()
                 return self._finished

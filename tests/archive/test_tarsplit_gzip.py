@@ -144,3 +144,16 @@ def test_the_python_thread_still_records(python_gzip: None, tmp_path: Path) -> N
     extract(io.BytesIO(data), str(tmp_path), ExtractOptions(WhiteoutMode.LITERAL,
                                                             tar_split=recorder))
     assert b'"name":"f"' in gzip.decompress(recorder.finish())
+
+
+def test_archive_read_hands_over_the_last_entries_once() -> None:
+    # extract calls it as soon as the archive ends, so that its last batch compresses while
+    # the directory times are set; finish() then only waits for it
+    recorder = TarSplitRecorder()
+    recorder.consume(b"x" * 512)
+    assert recorder.position == 0
+    recorder.archive_read()
+    assert recorder.position == 1  # the segment was taken
+    recorder.archive_read()
+    assert recorder.position == 1
+    assert gzip.decompress(recorder.finish()).count(b"\n") == 1
