@@ -218,8 +218,10 @@ class TarSplitRecorder(native.TarSplitCollector):
     collects to a thread that builds the JSON lines and gzips them. That is the native core's
     C thread (GzipLines: zlib, never the GIL) where it can run: a Python thread takes the GIL
     a few times per batch, and each time the applying thread sleeps until it has it back,
-    which cost an apply more than the compressing itself (1.07x a plain apply, against 1.03x).
-    Elsewhere it is a Python thread with ISA-L's or zlib's gzip.
+    which cost an apply more than the compressing itself (on a 2-core VM, recording went from
+    1.07-1.13x a plain apply to 1.02-1.09x). Elsewhere it is a Python thread with ISA-L's or
+    zlib's gzip. A recorder is used in the process that made it (a forked child has no copy
+    of its C thread).
 
     Raises DiffError when one member brings more than max_entry_bytes of headers and
     padding, or the archive more than max_total_bytes in all.
