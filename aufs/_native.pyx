@@ -888,38 +888,10 @@ cdef int unpack(const char *data, size_t size, LineItem *entries, Py_ssize_t cou
     return 0 if offset == size else -1
 
 
-cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
-    cdef LineItem *entries = <LineItem *>PyMem_Malloc(max(batch.count, 1) * sizeof(LineItem))
-    cdef LineBuffer out
-    cdef size_t bound = 0
-    cdef const char *data = batch.data
-    cdef size_t size = batch.size
-    cdef Py_ssize_t count = batch.count
-    cdef int rc
-    if entries == NULL:
-        raise MemoryError()
-    out.data = NULL
-    out.used = 0
-    try:
-        with nogil:
-            rc = unpack(data, size, entries, count, &bound)
-            if rc == 0:
-                out.data = <char *>PyMem_RawMalloc(max(bound, 1))
-                if out.data != NULL:
-                    write_lines(&out, entries, count, <uint64_t>position)
-        if rc < 0:
-            raise ValueError("a tar-split batch that does not hold its entries")
-        if out.data == NULL:
-            raise MemoryError()
-        return PyBytes_FromStringAndSize(out.data, out.used) if out.used else b""
-    finally:
-        PyMem_RawFree(out.data)
-        PyMem_Free(entries)
-
-
 cdef int format_packed(const char *packed, size_t size, size_t count, uint64_t position,
                        char **lines, size_t *length) noexcept nogil:
-    """batch_lines for GzipLines' thread, without the GIL: 0 or an errno value."""
+    """A packed batch's lines, without the GIL (batch_lines', and GzipLines' thread's):
+    0, or EINVAL when the batch does not hold its entries, or ENOMEM."""
     cdef LineItem *entries = <LineItem *>PyMem_RawMalloc(max(count, 1) * sizeof(LineItem))
     cdef LineBuffer out
     cdef size_t bound = 0
@@ -940,6 +912,23 @@ cdef int format_packed(const char *packed, size_t size, size_t count, uint64_t p
     lines[0] = out.data
     length[0] = out.used
     return 0
+
+
+cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
+    cdef char *lines = NULL
+    cdef size_t length = 0
+    cdef int rc
+    with nogil:
+        rc = format_packed(batch.data, batch.size, batch.count, <uint64_t>position, &lines,
+                           &length)
+    try:
+        if rc == EINVAL:
+            raise ValueError("a tar-split batch that does not hold its entries")
+        if rc:
+            raise MemoryError()
+        return PyBytes_FromStringAndSize(lines, length) if length else b""
+    finally:
+        PyMem_RawFree(lines)
 
 
 cdef void release_raw(void *memory) noexcept nogil:

@@ -35,16 +35,6 @@ def c_thread() -> None:
                     "compress on a Python thread")
 
 
-@pytest.fixture
-def python_gzip() -> Iterator[None]:
-    saved = tarsplit.NATIVE_GZIP
-    tarsplit.NATIVE_GZIP = False
-    try:
-        yield
-    finally:
-        tarsplit.NATIVE_GZIP = saved
-
-
 def many_members() -> bytes:
     """More entries and more raw bytes than one batch holds, with names the spec formats
     (not ASCII, not UTF-8), so that the thread gets several batches of every kind."""
@@ -65,16 +55,13 @@ def recorded(data: bytes, target: Path) -> tuple[bytes, TarSplitRecorder]:
     return recorder.finish(), recorder
 
 
-def test_the_c_thread_makes_the_python_threads_file(c_thread: None, tmp_path: Path) -> None:
+def test_the_c_thread_makes_the_python_threads_file(c_thread: None, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     data = many_members()
     ours, recorder = recorded(data, tmp_path / "c")
     assert recorder._gzip is not None and recorder._compressor is None  # the C thread
-    saved = tarsplit.NATIVE_GZIP
-    tarsplit.NATIVE_GZIP = False
-    try:
-        theirs, python = recorded(data, tmp_path / "python")
-    finally:
-        tarsplit.NATIVE_GZIP = saved
+    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)
+    theirs, python = recorded(data, tmp_path / "python")
     assert python._compressor is not None  # the Python thread's compressor was used
     assert gzip.decompress(ours) == gzip.decompress(theirs)
     assert len(gzip.decompress(ours).splitlines()) > _fallback.TARSPLIT_BATCH_ITEMS
@@ -137,7 +124,9 @@ def test_a_recorder_closed_before_finish_still_finishes(tmp_path: Path) -> None:
     assert b'"name":"a/f"' in lines[3]
 
 
-def test_the_python_thread_still_records(python_gzip: None, tmp_path: Path) -> None:
+def test_the_python_thread_still_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)
     data = archive([member("f", data=b"abc")])
     recorder = TarSplitRecorder()
     assert recorder._gzip is None
