@@ -16,7 +16,7 @@ if os.environ.get("AUFS_NO_EXTENSIONS", "") in ("", "0"):
         sources=["aufs/_native.pyx", "csrc/dirsize.c", "csrc/ioqueue.c", "csrc/mountdata.c",
                  "csrc/mountfrom.c", "csrc/nameset.c", "csrc/syscalls.c", "csrc/tarheader.c",
                  "csrc/tarbuild.c", "csrc/tartree.c", "csrc/unpackrun.c", "csrc/crc64.c",
-                 "csrc/gzlines.c"],
+                 "csrc/gzlines.c", "csrc/crcfd.c"],
         include_dirs=["csrc"],
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         extra_link_args=["-pthread"],

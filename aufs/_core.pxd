@@ -138,6 +138,7 @@ cdef extern from "aufs_core.h" nogil:
         int64_t gid
         int64_t mtime
         uint64_t crc
+        int fd
     struct aufs_unpack_run:
         const unsigned char *buffer
         size_t end
@@ -147,6 +148,7 @@ cdef extern from "aufs_core.h" nogil:
         size_t prefix_length
         size_t max_file_size
         int want_crc
+        int defer_crc
         aufs_unpack_entry *entries
         size_t capacity
         size_t position
@@ -159,12 +161,23 @@ cdef extern from "aufs_core.h" nogil:
 
     uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size)
 
-    ctypedef int (*aufs_lines_formatter)(const char *packed, size_t size, size_t count,
+    int aufs_crc_fd_reserve()
+    void aufs_crc_fd_release(int fd)
+    int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratch,
+                         size_t scratch_size)
+    long aufs_crc_fd_limit()
+    long aufs_crc_fd_set_limit(long cap)
+    long aufs_crc_fd_held()
+
+    ctypedef int (*aufs_lines_formatter)(char *packed, size_t size, size_t count,
                                          uint64_t position, char **lines,
                                          size_t *length) noexcept nogil
+    ctypedef void (*aufs_batch_discarder)(char *packed, size_t size,
+                                          size_t count) noexcept nogil
     struct aufs_gz_lines:
         pass
     aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
+                                       aufs_batch_discarder discard,
                                        void (*release)(void *) noexcept nogil, int level)
     int aufs_gz_lines_add(aufs_gz_lines *gz, char *packed, size_t size, size_t count,
                           uint64_t position)

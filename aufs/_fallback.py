@@ -853,6 +853,25 @@ class TarSplitCollector:
         self._file = (name, size)
         self._crc = 0
 
+    def defer_crc(self) -> bool:
+        """Whether the current member's CRC-64 may be read back later from its file, handed
+        over with take_fd once written (still open, readable), instead of summed from its
+        data. The native core does so on tar-split's compressing thread (csrc/crcfd.c), so
+        that the applying thread neither sums nor closes the file; this one never."""
+        return False
+
+    def abandon(self) -> None:
+        """Closes the files held for their CRCs (none here) and forgets what was not taken:
+        the recording is given up (an apply that failed)."""
+        self.position += len(self._items)
+        self._items = []
+        self._file = None
+        self.unusable = "the recording was abandoned"
+
+    def take_fd(self, fd: int) -> None:
+        """The current member's written file, after defer_crc() said True."""
+        raise ValueError("take_fd: the current member's CRC was not deferred")
+
     def end_file(self, data: bytes | memoryview = b"") -> None:
         """A member's data ends; data: the last of it, not yet consumed. Outside a member,
         data is raw bytes."""
@@ -884,6 +903,17 @@ class TarSplitCollector:
 
     def batch_ready(self) -> None:
         """Called when enough items have gathered to be taken; a recorder overrides it."""
+
+
+def tarsplit_fd_cap(cap: int | None = None) -> int:
+    """How many files the process may hold open for their CRC to be read back: none here
+    (see TarSplitCollector.defer_crc); the native core's cap can be set."""
+    return 0
+
+
+def tarsplit_fds_held() -> int:
+    """How many files are open now for their CRC to be read back."""
+    return 0
 
 
 # ---- a run of plain members, unpacked from a tar reader's buffer ----------------------------

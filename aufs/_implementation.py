@@ -60,6 +60,8 @@ TarSplitCollector = _chosen.TarSplitCollector
 # aufs.archive.tarsplit.TarSplitRecorder compresses on a Python thread (the same file)
 GzipLines: Callable[..., Any] | None = getattr(_chosen, "GzipLines", None)
 tarsplit_lines = _chosen.tarsplit_lines
+tarsplit_fd_cap = _chosen.tarsplit_fd_cap
+tarsplit_fds_held = _chosen.tarsplit_fds_held
 unmount = _chosen.unmount
 unpack_run = _chosen.unpack_run
 UnpackRun = _fallback.UnpackRun
@@ -94,6 +96,8 @@ __all__ = [
     "parse_tar_number",
     "renameat2",
     "tar_tree",
+    "tarsplit_fd_cap",
+    "tarsplit_fds_held",
     "tarsplit_lines",
     "unmount",
     "unpack_run",

@@ -8,6 +8,8 @@ from aufs._fallback import TarSplitCollector as TarSplitCollector
 from aufs._fallback import crc64_iso as crc64_iso
 from aufs._fallback import finish_file as finish_file
 from aufs._fallback import parse_tar_number as parse_tar_number
+from aufs._fallback import tarsplit_fd_cap as tarsplit_fd_cap
+from aufs._fallback import tarsplit_fds_held as tarsplit_fds_held
 from aufs._fallback import tarsplit_lines as tarsplit_lines
 from aufs._fallback import unpack_run as unpack_run
 

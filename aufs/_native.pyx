@@ -380,6 +380,7 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
     cdef TarSplitCollector collector = (recorder if isinstance(recorder, TarSplitCollector)
                                         else None)
     run.want_crc = collector is not None
+    run.defer_crc = collector is not None
     try:
         while True:
             mark = run.position
@@ -391,7 +392,8 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
                     collector.add_member(
                         PyUnicode_DecodeFSDefaultAndSize(<const char *>entry.name,
                                                          entry.name_length),
-                        entry.size, entry.crc, buffer, &data[0], mark, entry.data_offset)
+                        entry.size, entry.crc, &entry.fd, buffer, &data[0], mark,
+                        entry.data_offset)
                     mark = entry.data_offset + entry.size
                 elif recorder is not None:
                     recorder.begin_file(os.fsdecode(entry.name[:entry.name_length]),
@@ -419,6 +421,9 @@ def unpack_run(object buffer, Py_ssize_t position, Py_ssize_t end, Py_ssize_t pa
                          entry.name[:entry.directory_length], entry.name[:entry.name_length],
                          run.error, last_name)
     finally:
+        for index in range(<Py_ssize_t>run.count):  # after an error: the fds not handed over
+            if entries[index].fd >= 0:
+                core.aufs_crc_fd_release(entries[index].fd)
         PyMem_Free(entries)
 
 
@@ -827,10 +832,22 @@ def tarsplit_lines(items, Py_ssize_t position):
 cdef Py_ssize_t TARSPLIT_BATCH_ITEMS = _BATCH_ITEMS
 cdef Py_ssize_t NAMES_AT_ONCE = 512
 cdef Py_ssize_t TARSPLIT_BATCH_BYTES = _BATCH_BYTES
+# a batch whose files hold this much data to read back goes at once: what the compressing
+# thread still has to read when the archive ends, and finish() waits for, stays small
+cdef Py_ssize_t TARSPLIT_BATCH_FD_BYTES = 8 << 20
+# a bigger file is summed as it is written (a piece at a time, while in the cache): read back
+# at the end of a layer (a 50 MB apt list ends Debian's), it would keep finish() waiting
+cdef Py_ssize_t DEFER_CRC_MAX = 4 << 20
 
 # A packed batch: its entries one after the other, each a kind byte (as LineItem's), then
 # for a segment or a line already built its length (8 bytes) and bytes, for a file its size,
-# CRC and name length (8 bytes each) and its ASCII name.
+# CRC and name length (8 bytes each) and its ASCII name. A file whose CRC is still to be read
+# back from its open fd (csrc/crcfd.c) is kind FILE_WITH_FD, with the fd where the CRC goes:
+# formatting the batch reads it and makes it a plain file entry; freeing the batch closes any
+# fd left (discard_packed).
+cdef enum:
+    FILE_WITH_FD = 3
+    CRC_SCRATCH = 64 << 10  # read back in L2-sized pieces: checksummed while in the cache
 
 
 cdef class TarSplitBatch:
@@ -846,7 +863,7 @@ cdef class TarSplitBatch:
         self.count = 0
 
     def __dealloc__(self):
-        PyMem_RawFree(self.data)
+        discard_packed(self.data, self.size, self.count)
 
     def __len__(self):
         return self.count
@@ -856,6 +873,64 @@ cdef inline uint64_t get_word(const char *data) noexcept nogil:
     cdef uint64_t word
     memcpy(&word, data, 8)
     return word
+
+
+cdef size_t entry_size(const char *data, size_t offset, size_t size) noexcept nogil:
+    """The packed size of the entry at offset, or 0 when it does not fit in size."""
+    cdef size_t head
+    if offset + 9 > size:
+        return 0
+    head = 25 if data[offset] == 1 or data[offset] == FILE_WITH_FD else 9
+    if offset + head > size or get_word(data + offset + head - 8) > size - offset - head:
+        return 0
+    return head + get_word(data + offset + head - 8)
+
+
+cdef int resolve_fds(char *data, size_t size, size_t count) noexcept nogil:
+    """Reads back the CRC-64 of each FILE_WITH_FD entry from its fd, closes the fd, and makes
+    the entry a plain file: 0, or the first errno (every fd is closed all the same)."""
+    cdef size_t offset = 0, step, index
+    cdef unsigned char *scratch = NULL
+    cdef uint64_t crc
+    cdef int rc, first = 0
+    for index in range(count):
+        step = entry_size(data, offset, size)
+        if step == 0:
+            break
+        if data[offset] == FILE_WITH_FD:
+            crc = 0
+            if scratch == NULL:
+                scratch = <unsigned char *>PyMem_RawMalloc(CRC_SCRATCH)
+            if scratch == NULL:
+                core.aufs_crc_fd_release(<int>get_word(data + offset + 9))
+                rc = ENOMEM
+            else:
+                rc = core.aufs_crc_fd_read(<int>get_word(data + offset + 9),
+                                           get_word(data + offset + 1), &crc, scratch,
+                                           CRC_SCRATCH)
+            memcpy(data + offset + 9, &crc, 8)
+            data[offset] = 1
+            if rc and not first:
+                first = rc
+        offset += step
+    PyMem_RawFree(scratch)
+    return first
+
+
+cdef void discard_packed(char *data, size_t size, size_t count) noexcept nogil:
+    """Frees a packed batch, closing the fds it still holds."""
+    cdef size_t offset = 0, step, index
+    if data == NULL:
+        return
+    for index in range(count):
+        step = entry_size(data, offset, size)
+        if step == 0:
+            break
+        if data[offset] == FILE_WITH_FD:
+            core.aufs_crc_fd_release(<int>get_word(data + offset + 9))
+            data[offset] = 1
+        offset += step
+    PyMem_RawFree(data)
 
 
 cdef int unpack(const char *data, size_t size, LineItem *entries, Py_ssize_t count,
@@ -888,15 +963,20 @@ cdef int unpack(const char *data, size_t size, LineItem *entries, Py_ssize_t cou
     return 0 if offset == size else -1
 
 
-cdef int format_packed(const char *packed, size_t size, size_t count, uint64_t position,
+cdef int format_packed(char *packed, size_t size, size_t count, uint64_t position,
                        char **lines, size_t *length) noexcept nogil:
-    """A packed batch's lines, without the GIL (batch_lines', and GzipLines' thread's):
-    0, or EINVAL when the batch does not hold its entries, or ENOMEM."""
-    cdef LineItem *entries = <LineItem *>PyMem_RawMalloc(max(count, 1) * sizeof(LineItem))
+    """A packed batch's lines, without the GIL (batch_lines', and GzipLines' thread's), once
+    the CRCs still to be read back are: 0, or EINVAL when the batch does not hold its entries,
+    or the errno of reading a file back, or ENOMEM."""
+    cdef LineItem *entries
     cdef LineBuffer out
     cdef size_t bound = 0
+    cdef int rc = resolve_fds(packed, size, count)
     lines[0] = NULL
     length[0] = 0
+    if rc:
+        return rc
+    entries = <LineItem *>PyMem_RawMalloc(max(count, 1) * sizeof(LineItem))
     if entries == NULL:
         return ENOMEM
     if unpack(packed, size, entries, count, &bound) < 0:
@@ -924,11 +1004,27 @@ cdef bytes batch_lines(TarSplitBatch batch, Py_ssize_t position):
     try:
         if rc == EINVAL:
             raise ValueError("a tar-split batch that does not hold its entries")
-        if rc:
+        if rc == ENOMEM:
             raise MemoryError()
+        if rc:
+            raise OSError(rc, "tar-split: reading a file's CRC back: " + os.strerror(rc))
         return PyBytes_FromStringAndSize(lines, length) if length else b""
     finally:
         PyMem_RawFree(lines)
+
+
+def tarsplit_fd_cap(cap=None):
+    """How many files the process may hold open for their CRC to be read back (see
+    csrc/crcfd.c); with cap, sets it (a negative one: the default again) and returns the
+    one before."""
+    if cap is None:
+        return core.aufs_crc_fd_limit()
+    return core.aufs_crc_fd_set_limit(cap)
+
+
+def tarsplit_fds_held():
+    """How many files are open now for their CRC to be read back."""
+    return core.aufs_crc_fd_held()
 
 
 cdef void release_raw(void *memory) noexcept nogil:
@@ -943,7 +1039,8 @@ cdef class GzipLines:
     cdef core.aufs_gz_lines *gz
 
     def __cinit__(self, int level=1):
-        self.gz = core.aufs_gz_lines_start(format_packed, release_raw, level)
+        self.gz = core.aufs_gz_lines_start(format_packed, discard_packed, release_raw,
+                                           level)
         if self.gz == NULL:
             raise OSError(errno, "tar-split's compressing thread: " + os.strerror(errno))
 
@@ -1029,6 +1126,11 @@ cdef class TarSplitCollector:
     cdef object file_name  # None outside a member's data
     cdef Py_ssize_t file_size
     cdef uint64_t crc
+    cdef bint crc_deferred  # the member's CRC is read back from file_fd: its data is not summed
+    cdef bint summed  # some of the member's data went into crc
+    cdef int file_fd  # the member's open file, once handed over; else -1
+    cdef Py_ssize_t batch_fds  # FILE_WITH_FD entries packed since the last take
+    cdef Py_ssize_t batch_fd_bytes  # and the data they have to read back
     cdef core.aufs_name_set names  # each member's name.strip("/").removeprefix("./")
     # the names not added to it yet: fingerprint, position and name of each
     cdef uint64_t *fingerprints
@@ -1046,6 +1148,7 @@ cdef class TarSplitCollector:
         if self.fingerprints == NULL or self.fingerprint_positions == NULL:
             raise MemoryError()
         self.fingerprint_names = []
+        self.file_fd = -1
         memset(&self.names, 0, sizeof(self.names))
         memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
 
@@ -1056,7 +1159,8 @@ cdef class TarSplitCollector:
         self.hash_update = hash_update
 
     def __dealloc__(self):
-        PyMem_RawFree(self.packed)
+        discard_packed(self.packed, self.packed_size, self.count)
+        self.drop_file_fd()
         PyMem_RawFree(self.pending)
         PyMem_Free(self.fingerprints)
         PyMem_Free(self.fingerprint_positions)
@@ -1143,19 +1247,45 @@ cdef class TarSplitCollector:
         self.count += 1
         return 0
 
+    cdef void drop_file_fd(self) noexcept:
+        if self.crc_deferred:  # the place reserved for it, or it
+            core.aufs_crc_fd_release(self.file_fd)
+        self.crc_deferred = False
+        self.file_fd = -1
+
     cdef int pack_file(self) except -1:
         cdef uint64_t words[3]
         cdef char *target
         cdef bytes line
+        cdef int rc
+        cdef unsigned char scratch[4096]
+        if self.crc_deferred and self.file_fd < 0:  # its data went unsummed, and no fd came
+            self.drop_file_fd()
+            raise DiffError(f"tar-split: no CRC for {self.file_name!r}: its file was not "
+                            "handed over (take_fd)")
+        if self.crc_deferred and not PyUnicode_IS_ASCII(self.file_name):  # rare: read it here
+            self.crc_deferred = False
+            with nogil:
+                rc = core.aufs_crc_fd_read(self.file_fd, self.file_size, &self.crc, scratch,
+                                           sizeof(scratch))
+            self.file_fd = -1
+            if rc:
+                raise OSError(rc, f"tar-split: reading {self.file_name!r} back: "
+                              + os.strerror(rc))
         if not PyUnicode_IS_ASCII(self.file_name):
             line = _tarsplit_lines_spec([(self.file_name, self.file_size, self.crc)],
                                         self.position + self.count)
             return self.pack_bytes(0, PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line))
         words[0] = self.file_size
-        words[1] = self.crc
+        words[1] = <uint64_t>self.file_fd if self.crc_deferred else self.crc
         words[2] = PyUnicode_GET_LENGTH(self.file_name)
         target = self.reserve(25 + words[2])
-        target[0] = 1
+        target[0] = FILE_WITH_FD if self.crc_deferred else 1
+        if self.crc_deferred:  # the batch has it now
+            self.crc_deferred = False
+            self.file_fd = -1
+            self.batch_fds += 1
+            self.batch_fd_bytes += self.file_size
         memcpy(target + 1, words, 24)
         memcpy(target + 25, PyUnicode_DATA(self.file_name), words[2])
         self.count += 1
@@ -1173,6 +1303,9 @@ cdef class TarSplitCollector:
         if self.hash_update is not None:
             self.hash_update(piece)
         if self.file_name is not None:
+            if self.crc_deferred:
+                return 0
+            self.summed = True
             if view.len >= 1 << 18:
                 with nogil:
                     self.crc = core.aufs_crc64_iso(self.crc, <const unsigned char *>view.buf,
@@ -1237,7 +1370,37 @@ cdef class TarSplitCollector:
         self.file_name = name
         self.file_size = size
         self.crc = 0
+        self.summed = False
         return 0
+
+    def defer_crc(self):
+        """Whether the current member's CRC-64 may be read back later from its file (given
+        to take_fd once written, still open and readable, O_NOATIME) instead of summed from
+        its data here: False for a file over 4 MiB, or when the process holds as many such
+        fds as it may."""
+        if (self.file_name is None or self.crc_deferred or self.summed or not self.file_size
+                or self.file_size > DEFER_CRC_MAX):
+            return False
+        self.crc_deferred = core.aufs_crc_fd_reserve() == 1
+        return self.crc_deferred
+
+    def abandon(self):
+        """Closes the files held for their CRCs and forgets what was not taken: the
+        recording is given up (an apply that failed)."""
+        discard_packed(self.packed, self.packed_size, self.count)
+        self.packed = NULL
+        self.packed_size = self.packed_capacity = 0
+        self.position += self.count
+        self.count = self.batch_fds = self.batch_fd_bytes = 0
+        self.drop_file_fd()
+        self.make_unusable("the recording was abandoned", -1)
+
+    def take_fd(self, int fd):
+        """The current member's written file, after defer_crc() said True: the collector
+        owns fd from now on (it is closed once its CRC is read back, or when dropped)."""
+        if not self.crc_deferred or self.file_fd >= 0 or fd < 0:
+            raise ValueError("take_fd: the current member's CRC was not deferred")
+        self.file_fd = fd
 
     def end_file(self, data=b""):
         cdef Py_buffer view
@@ -1255,17 +1418,20 @@ cdef class TarSplitCollector:
         self.pack_file()
         self.file_name = None
         if (self.count >= TARSPLIT_BATCH_ITEMS
-                or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES):
+                or self.raw_bytes - self.handed_raw >= TARSPLIT_BATCH_BYTES
+                or self.batch_fd_bytes >= TARSPLIT_BATCH_FD_BYTES
+                or self.batch_fds * 2 >= core.aufs_crc_fd_limit() > 0):
             self.batch_ready()
         return 0
 
-    cdef int add_member(self, str name, Py_ssize_t size, uint64_t crc, object buffer,
+    cdef int add_member(self, str name, Py_ssize_t size, uint64_t crc, int *fd, object buffer,
                         const unsigned char *data, Py_ssize_t raw_start,
                         Py_ssize_t data_start) except -1:
         """begin_file(name, size, False, buffer[raw_start:data_start]) then end_file(the
         size bytes of data that follow), for a member whose data's CRC-64 is known already
-        (unpack_run's, made while it wrote the file; data is the buffer's bytes): no object
-        made in the common case."""
+        (unpack_run's, made while it wrote the file; data is the buffer's bytes), or is to be
+        read back from fd[0] (which unpack_run reserved and left open; the collector takes
+        it, and sets fd[0] to -1): no object made in the common case."""
         if self.hash_update is not None or self.file_name is not None or self.pending_size:
             self.begin(name, size, False, buffer[raw_start:data_start])
             if self.hash_update is not None and size:
@@ -1278,6 +1444,10 @@ cdef class TarSplitCollector:
             self.file_name = name
             self.file_size = size
         self.crc = crc
+        if fd[0] >= 0:
+            self.crc_deferred = True
+            self.file_fd = fd[0]
+            fd[0] = -1
         return self.finish_member()
 
     def end_segment(self):
@@ -1294,6 +1464,7 @@ cdef class TarSplitCollector:
         taken = batch, self.position
         self.position += self.count
         self.count = 0
+        self.batch_fds = self.batch_fd_bytes = 0
         self.packed = NULL
         self.packed_size = 0
         self.last_capacity = max(self.last_capacity, self.packed_capacity)

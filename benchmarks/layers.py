@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -18,12 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aufs
-from benchmarks.common import peak_rss_kib, report, report_memory, tmpfs_scratch
+from benchmarks.common import RESULTS, peak_rss_kib, report, report_memory, tmpfs_scratch
 from benchmarks.tree import build_tree
 
 CACHE = Path(os.environ.get("AUFS_BENCH_CACHE", "/var/cache/aufs-bench"))
 # the recording table's rounds at least (its figure is a few percent: see _recording)
-RECORDING_ROUNDS = 25
+RECORDING_ROUNDS = 60
 
 
 def root_filesystem(scratch: Path) -> tuple[Path, str]:
@@ -159,12 +160,24 @@ def _recording(driver: aufs.Driver, our_apply: Callable[[], None], layer_tar: Pa
     # more rounds than the other tables, and the plain apply twice over (A/A), so that the
     # table shows how far two runs of the very same thing differ
     rounds = max(repeat, RECORDING_ROUNDS)
-    (plain, again, recorded), (plain_cpu, again_cpu, recorded_cpu) = _alternating_runs(
-        [our_apply, our_apply, our_apply_recorded], rounds, scratch, driver)
+    samples, cpu_samples = _alternating_samples([our_apply, our_apply, our_apply_recorded],
+                                                rounds, scratch, driver)
+    plain, again, recorded = (statistics.median(times) for times in samples)
+    plain_cpu, again_cpu, recorded_cpu = (statistics.median(times) for times in cpu_samples)
     report(f"apply a layer, recording its tar-split (ratio to apply without; {rounds} rounds)",
            [("Driver.apply_diff (peer)", plain, ""),
             ("Driver.apply_diff again (A/A: noise)", again, ""),
             ("apply_diff(record=diff_id)", recorded, "goal <= 1.03")], plain)
+    # the same, round by round: each run against the plain apply of its own round, which
+    # leaves out the drift of a shared machine's speed over the minutes of the table
+    print("  round by round, median and 95% interval (bootstrap):")
+    paired = []
+    for name, times in (("again / plain (A/A)", samples[1]), ("recorded / plain", samples[2])):
+        middle, low, high = _paired_ratio(times, samples[0])
+        paired.append({"name": name, "ratio": middle, "low": low, "high": high})
+        print(f"    {name:<32} {middle:6.3f}x  [{low:.3f}, {high:.3f}]")
+    RESULTS.append({"kind": "paired", "title": "recording's cost, round by round",
+                    "rounds": rounds, "rows": paired})
     # the same runs in CPU time of this process (every thread: unpacking, I/O, gzip), which a
     # busy shared machine disturbs less than the wall clock
     report("apply a layer, recording its tar-split: CPU time of the process",
@@ -181,15 +194,35 @@ def _alternating(peer: Callable[[], None], ours: Callable[[], None], repeat: int
     return peer_time, our_time
 
 
+def _paired_ratio(ours: list[float], peers: list[float]) -> tuple[float, float, float]:
+    """The median of ours[i] / peers[i] (runs of the same round), and the 2.5th and 97.5th
+    percentiles of that median over 2,000 resamples of the rounds (a fixed seed: the same
+    samples give the same figures)."""
+    ratios = [mine / peer for mine, peer in zip(ours, peers, strict=True)]
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios)))
+                     for _ in range(2000))
+    return statistics.median(ratios), medians[49], medians[1949]
+
+
 def _alternating_runs(runs: list[Callable[[], None]], repeat: int, scratch: Path,
                       driver: aufs.Driver | None = None
                       ) -> tuple[list[float], list[float]]:
-    """Median wall and CPU times of each run, taken in turns in each round so that drift in
-    the machine's speed hits them alike, in forward then reverse order from one round to the
-    next. The tree a run made is deleted right after it, untimed, so that each run starts
-    with the same memory in use: on a 2-core VM, with the trees of a round kept to its end,
-    one apply in five or so took 2 to 4 times as long, and mostly the later ones of a round.
-    The first round only warms the caches."""
+    """Median wall and CPU times of each run (see _alternating_samples)."""
+    wall, cpu = _alternating_samples(runs, repeat, scratch, driver)
+    return ([statistics.median(times) for times in wall],
+            [statistics.median(times) for times in cpu])
+
+
+def _alternating_samples(runs: list[Callable[[], None]], repeat: int, scratch: Path,
+                         driver: aufs.Driver | None = None
+                         ) -> tuple[list[list[float]], list[list[float]]]:
+    """Wall and CPU times of each run, round by round, taken in turns in each round so
+    that drift in the machine's speed hits them alike, in forward then reverse order from
+    one round to the next. The tree a run made is deleted right after it, untimed, so that
+    each run starts with the same memory in use: on a 2-core VM, with the trees of a round
+    kept to its end, one apply in five or so took 2 to 4 times as long, and mostly the later
+    ones of a round. The first round only warms the caches."""
     wall: list[list[float]] = [[] for _ in runs]
     cpu: list[list[float]] = [[] for _ in runs]
     order = list(range(len(runs)))
@@ -206,8 +239,7 @@ def _alternating_runs(runs: list[Callable[[], None]], repeat: int, scratch: Path
                 for layer in driver.layer_ids():
                     if layer.startswith("layer-"):
                         driver.remove(layer)
-    return ([statistics.median(times) for times in wall],
-            [statistics.median(times) for times in cpu])
+    return wall, cpu
 
 
 def _remove_store(path: Path) -> None:

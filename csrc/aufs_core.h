@@ -175,6 +175,7 @@ struct aufs_unpack_entry {
     uint32_t mode;
     int64_t uid, gid, mtime;
     uint64_t crc; /* of a file's data, when the run wants CRCs */
+    int fd;       /* a file's, left open for its CRC to be read back (see crcfd.c); or -1 */
 };
 
 
@@ -188,6 +189,8 @@ struct aufs_unpack_run {
     size_t prefix_length;
     size_t max_file_size;    /* bigger files stop the run (the Python path streams them) */
     int want_crc;            /* the CRC-64 of each file's data, for tar-split */
+    int defer_crc;           /* with want_crc: leave files open for their CRC to be read
+                                back later instead, while crcfd.c's cap allows */
     struct aufs_unpack_entry *entries;
     size_t capacity;
     /* in and out: the end of the last member's data, and its padding still to skip */
@@ -211,15 +214,33 @@ int aufs_unpack_members(struct aufs_unpack_run *run);
 /* Go's crc64.Update with the ISO table: pass 0 first, then the previous result. */
 uint64_t aufs_crc64_iso(uint64_t crc, const unsigned char *data, size_t size);
 
+/* ---- crcfd.c: a file's CRC-64 read back through its fd, on another thread -------------- */
+
+/* 1: one more fd may be held for its CRC; 0: the cap is reached, checksum the data now. */
+int aufs_crc_fd_reserve(void);
+/* Closes a held fd (or, with -1, gives back a reservation that got no fd). */
+void aufs_crc_fd_release(int fd);
+/* The CRC-64 of the fd's first size bytes, then closes it (and gives back its place): 0, or an
+ * errno value (EIO: the file is shorter). */
+int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratch,
+                     size_t scratch_size);
+long aufs_crc_fd_limit(void);
+/* Sets the cap (negative: back to the default); returns the one before. */
+long aufs_crc_fd_set_limit(long cap);
+long aufs_crc_fd_held(void);
+
 /* ---- gzlines.c: tar-split's gzip, on a thread that never takes Python's lock -------------- */
 
 /* Turns a packed batch of entries into their JSON lines (*lines, allocated so that the
  * release function given with it frees it): 0 or an errno value. */
-typedef int (*aufs_lines_formatter)(const char *packed, size_t size, size_t count,
+typedef int (*aufs_lines_formatter)(char *packed, size_t size, size_t count,
                                     uint64_t position, char **lines, size_t *length);
+/* Frees a packed batch, formatted or not (closing any fd it still holds). */
+typedef void (*aufs_batch_discarder)(char *packed, size_t size, size_t count);
 struct aufs_gz_lines;
 /* A started thread, or NULL with errno (ENOSYS: no libz.so.1 here). */
 struct aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
+                                          aufs_batch_discarder discard,
                                           void (*release)(void *), int level);
 /* Queues a batch (packed is the thread's from then on): the first error so far, or 0. */
 int aufs_gz_lines_add(struct aufs_gz_lines *gz, char *packed, size_t size, size_t count,

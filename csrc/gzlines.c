@@ -1,11 +1,12 @@
 /*
  * Tar-split's gzip, made on a thread that never takes Python's lock. While a layer is
  * applied, the recorder hands over packed batches of entries; this thread turns each into
- * JSON lines (with the formatter it was given, which the Cython core writes without the GIL)
- * and deflates them with the system's zlib. A Python thread doing the same needs the
- * interpreter lock a few times per batch, and each hand-over of the lock puts the applying
- * thread to sleep until the other gives it back: on a small VM that costs the apply more
- * than the compression itself.
+ * JSON lines (with the formatter it was given, which the Cython core writes without the GIL,
+ * and which first reads back the CRC-64 of the files handed over open: see crcfd.c) and
+ * deflates them with the system's zlib. A batch it drops goes to the discarder, which closes
+ * the files it still holds. A Python thread doing the same needs the interpreter lock a few
+ * times per batch, and each hand-over of the lock puts the applying thread to sleep until the
+ * other gives it back: on a small VM that costs the apply more than the compression itself.
  *
  * zlib is opened with dlopen: CPython's own zlib module loads the same libz.so.1, so there is
  * nothing more to build against, and without it the recorder keeps its Python thread.
@@ -72,6 +73,7 @@ struct batch {
 
 struct aufs_gz_lines {
     aufs_lines_formatter format;
+    aufs_batch_discarder discard;
     void (*release)(void *);
     pthread_t thread;
     pthread_mutex_t lock;
@@ -135,7 +137,7 @@ static void *compressing(void *argument)
         int rc = failed ? failed
                         : gz->format(batch->packed, batch->size, batch->count, batch->position,
                                      &lines, &length);
-        gz->release(batch->packed);
+        gz->discard(batch->packed, batch->size, batch->count);
         free(batch);
         if (rc == 0 && length)
             rc = deflate_all(gz, lines, length, Z_NO_FLUSH);
@@ -156,6 +158,7 @@ static void *compressing(void *argument)
 }
 
 struct aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
+                                          aufs_batch_discarder discard,
                                           void (*release)(void *), int level)
 {
     pthread_once(&zlib_once, open_zlib);
@@ -167,6 +170,7 @@ struct aufs_gz_lines *aufs_gz_lines_start(aufs_lines_formatter format,
     if (gz == NULL)
         return NULL;
     gz->format = format;
+    gz->discard = discard;
     gz->release = release;
     if (deflate_init(&gz->stream, level, Z_DEFLATED, GZIP_WINDOW, 8, 0, "1.2.11",
                      (int)sizeof gz->stream) != Z_OK) {
@@ -193,7 +197,7 @@ int aufs_gz_lines_add(struct aufs_gz_lines *gz, char *packed, size_t size, size_
 {
     struct batch *batch = malloc(sizeof *batch);
     if (batch == NULL) {
-        gz->release(packed);
+        gz->discard(packed, size, count);
         return ENOMEM;
     }
     batch->next = NULL;
@@ -224,7 +228,7 @@ static void stop(struct aufs_gz_lines *gz, int how)
     while (gz->head) {
         struct batch *batch = gz->head;
         gz->head = batch->next;
-        gz->release(batch->packed);
+        gz->discard(batch->packed, batch->size, batch->count);
         free(batch);
     }
     deflate_end(&gz->stream);

@@ -48,9 +48,10 @@ static void set_timespec(struct timespec *time, int64_t seconds)
     time->tv_nsec = 0;
 }
 
-/* Creates one member in the run's directory: 0, or -errno (-EEXIST: something is there). */
-static int create_member(const struct aufs_unpack_run *run, const struct aufs_unpack_entry *entry,
-                         const char *base)
+/* Creates one member in the run's directory: 0, or -errno (-EEXIST: something is there). A
+ * file is left open in entry->fd, readable, when keep_open says so. */
+static int create_member(const struct aufs_unpack_run *run, struct aufs_unpack_entry *entry,
+                         const char *base, int keep_open)
 {
     struct timespec times[2];
     set_timespec(&times[0], entry->mtime);
@@ -80,7 +81,8 @@ static int create_member(const struct aufs_unpack_run *run, const struct aufs_un
             return -errno;
         return 0;
     }
-    int fd = openat(run->parent_fd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+    int access = keep_open ? O_RDWR | O_NOATIME : O_WRONLY;
+    int fd = openat(run->parent_fd, base, access | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                     0600);
     if (fd < 0)
         return -errno;
@@ -97,8 +99,13 @@ static int create_member(const struct aufs_unpack_run *run, const struct aufs_un
     request.mode = (mode_t)entry->mode;
     request.set_times = 1;
     request.atime_ns = request.mtime_ns = entry->mtime * 1000000000LL;
-    request.close_fd = 1;
-    return aufs_io_run(&request);
+    request.close_fd = !keep_open;
+    int rc = aufs_io_run(&request);
+    if (keep_open && rc == 0)
+        entry->fd = fd;
+    else if (keep_open)
+        close(fd);
+    return rc;
 }
 
 /*
@@ -110,6 +117,7 @@ static int examine(const struct aufs_unpack_run *run, size_t position,
 {
     struct aufs_tar_header header;
     memset(entry, 0, sizeof *entry);
+    entry->fd = -1;
     entry->header_offset = position;
     if (run->end - position < BLOCK)
         return AUFS_UNPACK_NEED_DATA;
@@ -161,15 +169,20 @@ static int examine(const struct aufs_unpack_run *run, size_t position,
     return AUFS_UNPACK_DONE;
 }
 
-/* Creates one examined member: 0 or -errno; and the CRC-64 of a file's data when the run
- * wants it, while the data is still in the cache. */
+/* Creates one examined member: 0 or -errno. When the run wants CRCs, a file with data is left
+ * open for its CRC-64 to be read back on another thread, while crcfd.c's cap allows; else its
+ * CRC-64 is made here, while the data is still in the cache. */
 static int create_entry(const struct aufs_unpack_run *run, struct aufs_unpack_entry *entry)
 {
     char base[256];
     memcpy(base, entry->name + entry->directory_length, entry->base_length);
     base[entry->base_length] = 0;
-    int rc = create_member(run, entry, base);
-    if (rc == 0 && run->want_crc && entry->kind == '0')
+    int wants_crc = run->want_crc && entry->kind == '0' && entry->size > 0;
+    int keep_open = wants_crc && run->defer_crc && aufs_crc_fd_reserve();
+    int rc = create_member(run, entry, base, keep_open);
+    if (keep_open && entry->fd < 0)
+        aufs_crc_fd_release(-1);
+    if (rc == 0 && wants_crc && !keep_open)
         entry->crc = aufs_crc64_iso(0, run->buffer + entry->data_offset, (size_t)entry->size);
     return rc;
 }

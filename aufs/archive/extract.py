@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 PATH_MAX = 4096
 ENVIRONMENT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# while recording tar-split: readable, for the recorder to read a file's CRC back from its fd
+# (TarSplitCollector.defer_crc), without touching its access time
+RECORDED_FILE_FLAGS = FILE_FLAGS & ~os.O_WRONLY | os.O_RDWR | os.O_NOATIME
 # plain members go through native runs when they can (tests turn it off to compare with the
 # entry-by-entry path, the spec)
 UNPACK_RUNS = True
@@ -107,6 +110,7 @@ class Extractor:
         self._unpacked: set[str] = set()  # APPLY mode: what this layer put there
         self._warned: set[str] = set()
         self._owner_of_new_dirs = options.id_mapping.root_pair
+        self._file_flags = FILE_FLAGS if options.tar_split is None else RECORDED_FILE_FLAGS
 
     def run(self, stream: BinaryIO) -> ExtractResult:
         reader = TarReader(stream, recorder=self.options.tar_split)
@@ -217,10 +221,10 @@ class Extractor:
         if kind in (REGULAR, REGULAR_OLD, CONTIGUOUS, GNU_SPARSE):
             # the common case costs no lstat: O_EXCL tells whether something is in the way
             try:
-                fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+                fd = os.open(base, self._file_flags, 0o600, dir_fd=parent_fd)
             except FileExistsError:
                 self._remove(parent_fd, header_path)
-                fd = os.open(base, FILE_FLAGS, 0o600, dir_fd=parent_fd)
+                fd = os.open(base, self._file_flags, 0o600, dir_fd=parent_fd)
             self._regular_file(fd, header, reader, uid, gid)
             self.result.added_size += (header.realsize if header.sparse is not None
                                        and header.realsize is not None else header.size)
@@ -262,10 +266,14 @@ class Extractor:
                 native.finish_file(fd, data, owner, header.mode, *self._times(header),
                                    header.name)
                 return
+        recorder = self.options.tar_split
+        deferred = False
         try:
             if header.sparse is not None:
                 self._write_sparse(fd, header, reader)
             else:
+                # the recorder reads the CRC back from the file, on its own thread
+                deferred = recorder is not None and recorder.defer_crc()
                 for piece in reader.chunks():
                     _write_all(fd, piece)
             # in this order: chown and writes drop file capabilities, chown drops setuid
@@ -273,8 +281,13 @@ class Extractor:
             os.fchmod(fd, header.mode)
             self._set_xattrs(fd, header)
             os.utime(fd, ns=self._times(header))
+            if deferred:
+                assert recorder is not None
+                recorder.take_fd(fd)  # the recorder's from now on
+                fd = -1
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _owner_we_may_set(self, uid: int, gid: int) -> tuple[int, int] | None:
         if (uid, gid) == (os.getuid(), os.getgid()):

@@ -239,6 +239,7 @@ class TarSplitRecorder(native.TarSplitCollector):
         self._batches: queue.SimpleQueue[tuple[Sequence[bytes | tuple[str, int, int]], int] | None]
         self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
+        self._failure: OSError | None = None  # the Python thread's, for finish to raise
         self._read = False  # archive_read() was called
         self._finished: bytes | None = None
 
@@ -257,7 +258,13 @@ class TarSplitRecorder(native.TarSplitCollector):
 
     def _compress_batches(self) -> None:
         while (batch := self._batches.get()) is not None:
-            self._compressed.append(self._compressor.compress(native.tarsplit_lines(*batch)))
+            if self._failure is None:  # after one, the batches are only freed (their files)
+                try:
+                    lines = native.tarsplit_lines(*batch)
+                except OSError as error:  # reading a file's CRC back
+                    self._failure = error
+                    continue
+                self._compressed.append(self._compressor.compress(lines))
 
     def close(self) -> None:
         """Stops the Python compressing thread (finish does it too). The native one stops in
@@ -266,6 +273,15 @@ class TarSplitRecorder(native.TarSplitCollector):
             self._batches.put(None)
             self._compressing.join()
             self._compressing = None
+
+    def abandon(self) -> None:
+        """Gives the recording up (the apply failed): stops the compressing threads and
+        closes the files held for their CRCs now, rather than when the recorder is freed
+        (which a traceback can put off)."""
+        self.close()
+        if self._gzip is not None:
+            self._gzip.close()
+        super().abandon()
 
     def archive_read(self) -> None:
         """The archive was read to its end: its last entries go to the compressing thread
@@ -276,13 +292,16 @@ class TarSplitRecorder(native.TarSplitCollector):
             self._compress()
 
     def finish(self) -> bytes:
-        """The tar-split file's content (gzip); call once the archive is read to its end."""
+        """The tar-split file's content (gzip); call once the archive is read to its end.
+        Raises OSError when a file's CRC could not be read back."""
         if self._finished is None:
             self.archive_read()
             if self._gzip is not None:
                 self._finished = self._gzip.finish()
                 return self._finished
             self.close()
+            if self._failure is not None:
+                raise self._failure
             self._compressed.append(self._compressor.flush())
             self._finished = b"".join(self._compressed)
             self._compressed.clear()

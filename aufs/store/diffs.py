@@ -343,10 +343,12 @@ class LayerDiffs:
                 with self.locks.root.hold():
                     exchange(tree, self.store.diff_path(layer_id))
                 remove_tree(tree)
-        finally:
+        except BaseException:
             if recorder is not None:
-                recorder.close()  # its compressing thread
+                recorder.abandon()  # its thread, and the files it holds for their CRCs
+            raise
         if recorder is not None:
+            recorder.close()  # its Python compressing thread, if it has one
             self._keep_record(layer_id, recorder, record)
         return size
 
@@ -354,10 +356,17 @@ class LayerDiffs:
                      record: bool | str) -> None:
         if recorder.unusable is not None:
             log.info("layer %s: no tar-split kept: %s", layer_id[:12], recorder.unusable)
+            recorder.abandon()  # the files it still holds for their CRCs are closed now
             return
         diff_id = record if isinstance(record, str) else recorder.diff_id
         assert diff_id is not None
-        self.store.write_record(layer_id, diff_id, recorder.finish())
+        try:
+            tar_split = recorder.finish()
+        except OSError as error:  # a file's CRC could not be read back: the layer is whole
+            log.warning("layer %s: no tar-split kept (its diff will be a fresh tar): %s",
+                        layer_id[:12], error)
+            return
+        self.store.write_record(layer_id, diff_id, tar_split)
 
     def _apply_through_union(self, layer_id: str, staging: str, tree: str, stream: BinaryIO,
                              allow_devices: bool) -> int:

@@ -193,3 +193,42 @@ def test_a_migration_drops_the_records_it_makes_stale(tmp_path: object, caplog:
         with tarfile.open(fileobj=io.BytesIO(fresh)) as tar:
             assert sorted(tar.getnames()) == ["etc", "etc/.wh.gone", "etc/os"]
     assert check(root) == []
+
+
+def test_a_record_that_cannot_be_finished_is_not_kept(driver: aufs.Driver,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's CRC that cannot be read back costs the record, not the layer: the apply
+    succeeds, says so, and the diff is a fresh tar."""
+    from aufs.archive.tarsplit import TarSplitRecorder
+
+    def failing(self: TarSplitRecorder) -> bytes:
+        raise OSError(5, "tar-split: reading a file's CRC back: Input/output error")
+
+    monkeypatch.setattr(TarSplitRecorder, "finish", failing)
+    data = odd_archive()
+    driver.create("layer")
+    with caplog.at_level(logging.WARNING):
+        driver.apply_diff("layer", "", io.BytesIO(data), record=True)
+    assert any("no tar-split kept" in r.getMessage() for r in caplog.records)
+    assert driver.verified_diff_id("layer") is None
+    assert os.path.exists(os.path.join(driver.store.diff_path("layer"), "zeta"))
+    assert diff_bytes(driver, "layer") != data
+
+
+def test_an_apply_leaves_no_file_open_for_its_record(driver: aufs.Driver) -> None:
+    """Recorded or not (a name twice makes the archive unusable), kept or given up: once
+    apply_diff returns, no file of the layer is still open for its CRC to be read back."""
+    from aufs import _implementation
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    twice = archive([directory("d/"), member("d/f", data=b"one" * 100),
+                     member("d/f", data=b"two" * 100)])
+    odd = odd_archive()
+    for index, data in enumerate((odd, twice)):
+        driver.create(f"layer-{index}")
+        driver.apply_diff(f"layer-{index}", "", io.BytesIO(data), record=True)
+        assert _implementation.tarsplit_fds_held() == 0
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    assert driver.verified_diff_id("layer-0") == digest(odd)
+    assert driver.verified_diff_id("layer-1") is None
