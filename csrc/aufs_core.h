@@ -221,7 +221,7 @@ int aufs_crc_fd_reserve(void);
 /* Closes a held fd (or, with -1, gives back a reservation that got no fd). */
 void aufs_crc_fd_release(int fd);
 /* The CRC-64 of the fd's first size bytes, then closes it (and gives back its place): 0, or an
- * errno value (EIO: the file is shorter). */
+ * errno value (EIO: the file is shorter; or what close reported). */
 int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratch,
                      size_t scratch_size);
 long aufs_crc_fd_limit(void);

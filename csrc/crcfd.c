@@ -87,7 +87,11 @@ int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratc
         sum = aufs_crc64_iso(sum, scratch, (size_t)count);
         done += (uint64_t)count;
     }
-    aufs_crc_fd_release(fd);
+    /* where close reports a write that failed (a network filesystem), it is an error too,
+     * as it is when the applying thread closes the file itself */
+    if (close(fd) != 0 && rc == 0 && errno != EINTR)
+        rc = errno;
+    aufs_crc_fd_release(-1);
     *crc = sum;
     return rc;
 }

@@ -324,6 +324,7 @@ class LayerDiffs:
             log.info("layer %s: not recording its tar-split (only an empty layer applied "
                      "against its own parent reproduces its tar)", layer_id[:12])
         self.store.remove_record(layer_id)  # the content changes: an old record is wrong
+        tar_split = None
         try:
             with self.store.staging("apply") as staging:
                 tree = os.path.join(staging, "tree")
@@ -340,6 +341,8 @@ class LayerDiffs:
                 else:
                     size = self._apply_through_union(layer_id, staging, tree, stream,
                                                      allow_devices)
+                if recorder is not None:  # before the swap: a file that cannot be read
+                    tar_split = self._finish_record(layer_id, recorder)  # back fails it
                 with self.locks.root.hold():
                     exchange(tree, self.store.diff_path(layer_id))
                 remove_tree(tree)
@@ -347,26 +350,21 @@ class LayerDiffs:
             if recorder is not None:
                 recorder.abandon()  # its thread, and the files it holds for their CRCs
             raise
-        if recorder is not None:
-            recorder.close()  # its Python compressing thread, if it has one
-            self._keep_record(layer_id, recorder, record)
+        if recorder is not None and tar_split is not None:
+            diff_id = record if isinstance(record, str) else recorder.diff_id
+            assert diff_id is not None
+            self.store.write_record(layer_id, diff_id, tar_split)
         return size
 
-    def _keep_record(self, layer_id: str, recorder: TarSplitRecorder,
-                     record: bool | str) -> None:
+    def _finish_record(self, layer_id: str, recorder: TarSplitRecorder) -> bytes | None:
+        """The recorder's tar-split file, or None when the archive cannot be replayed. Raises
+        OSError when a file's CRC could not be read back (a file that cannot be read back
+        as it was written is an apply that failed)."""
         if recorder.unusable is not None:
             log.info("layer %s: no tar-split kept: %s", layer_id[:12], recorder.unusable)
             recorder.abandon()  # the files it still holds for their CRCs are closed now
-            return
-        diff_id = record if isinstance(record, str) else recorder.diff_id
-        assert diff_id is not None
-        try:
-            tar_split = recorder.finish()
-        except OSError as error:  # a file's CRC could not be read back: the layer is whole
-            log.warning("layer %s: no tar-split kept (its diff will be a fresh tar): %s",
-                        layer_id[:12], error)
-            return
-        self.store.write_record(layer_id, diff_id, tar_split)
+            return None
+        return recorder.finish()
 
     def _apply_through_union(self, layer_id: str, staging: str, tree: str, stream: BinaryIO,
                              allow_devices: bool) -> int:

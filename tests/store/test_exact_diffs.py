@@ -195,25 +195,22 @@ def test_a_migration_drops_the_records_it_makes_stale(tmp_path: object, caplog:
     assert check(root) == []
 
 
-def test_a_record_that_cannot_be_finished_is_not_kept(driver: aufs.Driver,
-                                                      caplog: pytest.LogCaptureFixture,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file's CRC that cannot be read back costs the record, not the layer: the apply
-    succeeds, says so, and the diff is a fresh tar."""
+def test_a_file_that_cannot_be_read_back_fails_the_apply(driver: aufs.Driver,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A file whose CRC cannot be read back as it was written (tar-split's thread reads
+    them back) is an apply that failed: it says why, and the layer stays as it was."""
     from aufs.archive.tarsplit import TarSplitRecorder
 
     def failing(self: TarSplitRecorder) -> bytes:
         raise OSError(5, "tar-split: reading a file's CRC back: Input/output error")
 
     monkeypatch.setattr(TarSplitRecorder, "finish", failing)
-    data = odd_archive()
     driver.create("layer")
-    with caplog.at_level(logging.WARNING):
-        driver.apply_diff("layer", "", io.BytesIO(data), record=True)
-    assert any("no tar-split kept" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OSError, match="reading a file's CRC back"):
+        driver.apply_diff("layer", "", io.BytesIO(odd_archive()), record=True)
+    assert os.listdir(driver.store.diff_path("layer")) == []
     assert driver.verified_diff_id("layer") is None
-    assert os.path.exists(os.path.join(driver.store.diff_path("layer"), "zeta"))
-    assert diff_bytes(driver, "layer") != data
 
 
 def test_an_apply_leaves_no_file_open_for_its_record(driver: aufs.Driver) -> None:
