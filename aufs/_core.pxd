@@ -166,6 +166,7 @@ cdef extern from "aufs_core.h" nogil:
     int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratch,
                          size_t scratch_size)
     long aufs_crc_fd_limit()
+    void aufs_crc_fd_refresh()
     long aufs_crc_fd_set_limit(long cap)
     long aufs_crc_fd_held()
 

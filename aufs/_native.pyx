@@ -1149,6 +1149,7 @@ cdef class TarSplitCollector:
             raise MemoryError()
         self.fingerprint_names = []
         self.file_fd = -1
+        core.aufs_crc_fd_refresh()  # the fds the process may hold for CRCs, as things are now
         memset(&self.names, 0, sizeof(self.names))
         memcpy(self.names.key, PyBytes_AS_STRING(key), 16)
 

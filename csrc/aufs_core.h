@@ -225,6 +225,9 @@ void aufs_crc_fd_release(int fd);
 int aufs_crc_fd_read(int fd, uint64_t size, uint64_t *crc, unsigned char *scratch,
                      size_t scratch_size);
 long aufs_crc_fd_limit(void);
+/* Works the cap out again from RLIMIT_NOFILE and the fds open now (a recording starts),
+ * unless it was set. */
+void aufs_crc_fd_refresh(void);
 /* Sets the cap (negative: back to the default); returns the one before. */
 long aufs_crc_fd_set_limit(long cap);
 long aufs_crc_fd_held(void);

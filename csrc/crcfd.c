@@ -5,14 +5,15 @@
  * compressing thread, which reads the file from the page cache, checksums it and closes it:
  * the applying thread neither checksums the layer's bytes nor closes its files.
  *
- * The fds held so, in the whole process, are capped: a quarter of RLIMIT_NOFILE's soft limit,
- * and at most 512. Past the cap the caller checksums the data and closes the file itself.
+ * The fds held so, in the whole process, are capped: a quarter of those RLIMIT_NOFILE's soft
+ * limit leaves free when a recording starts, and at most 512. Past the cap the caller
+ * checksums the data and closes the file itself.
  */
 #define _GNU_SOURCE
 #include "aufs_core.h"
 
+#include <dirent.h>
 #include <errno.h>
-#include <pthread.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -20,32 +21,54 @@
 #define MOST_HELD 512
 
 static atomic_long held;
-static atomic_long limit = -1;
+static atomic_long limit = -1; /* the cap in force; -1 until the first recording */
+static atomic_int fixed;       /* aufs_crc_fd_set_limit set it: no refresh */
+
+/* The fds open in the process (/proc/self/fd's entries, one of them the listing's own);
+ * 0 without /proc. */
+static long open_fds(void)
+{
+    DIR *listing = opendir("/proc/self/fd");
+    if (listing == NULL)
+        return 0;
+    long count = 0;
+    struct dirent *entry;
+    while ((entry = readdir(listing)) != NULL)
+        count += entry->d_name[0] != '.';
+    closedir(listing);
+    return count;
+}
 
 static long default_limit(void)
 {
     struct rlimit fds;
-    if (getrlimit(RLIMIT_NOFILE, &fds) != 0 || fds.rlim_cur == RLIM_INFINITY)
+    if (getrlimit(RLIMIT_NOFILE, &fds) != 0)
+        return 0;
+    if (fds.rlim_cur == RLIM_INFINITY)
         return MOST_HELD;
-    long quarter = (long)(fds.rlim_cur / 4);
+    long spare = (long)fds.rlim_cur - (open_fds() - atomic_load(&held)); /* ours count free */
+    long quarter = spare > 0 ? spare / 4 : 0;
     return quarter < MOST_HELD ? quarter : MOST_HELD;
+}
+
+void aufs_crc_fd_refresh(void)
+{
+    if (!atomic_load(&fixed))
+        atomic_store(&limit, default_limit());
 }
 
 long aufs_crc_fd_limit(void)
 {
-    long cap = atomic_load(&limit);
-    if (cap < 0) {
-        long expected = -1;
-        atomic_compare_exchange_strong(&limit, &expected, default_limit());
-        cap = atomic_load(&limit);
-    }
-    return cap;
+    if (atomic_load(&limit) < 0)
+        aufs_crc_fd_refresh();
+    return atomic_load(&limit);
 }
 
 long aufs_crc_fd_set_limit(long cap)
 {
     long before = aufs_crc_fd_limit();
-    atomic_store(&limit, cap < 0 ? default_limit() : cap);
+    atomic_store(&fixed, cap >= 0);
+    atomic_store(&limit, cap >= 0 ? cap : default_limit());
     return before;
 }
 

@@ -49,7 +49,9 @@ static void set_timespec(struct timespec *time, int64_t seconds)
 }
 
 /* Creates one member in the run's directory: 0, or -errno (-EEXIST: something is there). A
- * file is left open in entry->fd, readable, when keep_open says so. */
+ * file is left open in entry->fd, readable and O_NOATIME, when keep_open says so and the
+ * filesystem lets us not touch its access time (it may not, on a file it gave another
+ * owner: the file is closed then, as any other). */
 static int create_member(const struct aufs_unpack_run *run, struct aufs_unpack_entry *entry,
                          const char *base, int keep_open)
 {
@@ -81,11 +83,15 @@ static int create_member(const struct aufs_unpack_run *run, struct aufs_unpack_e
             return -errno;
         return 0;
     }
-    int access = keep_open ? O_RDWR | O_NOATIME : O_WRONLY;
-    int fd = openat(run->parent_fd, base, access | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+    int fd = openat(run->parent_fd, base,
+                    (keep_open ? O_RDWR : O_WRONLY) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                     0600);
     if (fd < 0)
         return -errno;
+    if (keep_open) { /* O_NOATIME set apart: a refusal must not fail the create */
+        int flags = fcntl(fd, F_GETFL);
+        keep_open = flags >= 0 && fcntl(fd, F_SETFL, flags | O_NOATIME) == 0;
+    }
     struct aufs_io_request request;
     memset(&request, 0, sizeof request);
     request.fd = fd;
@@ -182,7 +188,7 @@ static int create_entry(const struct aufs_unpack_run *run, struct aufs_unpack_en
     int rc = create_member(run, entry, base, keep_open);
     if (keep_open && entry->fd < 0)
         aufs_crc_fd_release(-1);
-    if (rc == 0 && wants_crc && !keep_open)
+    if (rc == 0 && wants_crc && entry->fd < 0)
         entry->crc = aufs_crc64_iso(0, run->buffer + entry->data_offset, (size_t)entry->size);
     return rc;
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -50,8 +51,8 @@ PATH_MAX = 4096
 ENVIRONMENT_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # while recording tar-split: readable, for the recorder to read a file's CRC back from its fd
-# (TarSplitCollector.defer_crc), without touching its access time
-RECORDED_FILE_FLAGS = FILE_FLAGS & ~os.O_WRONLY | os.O_RDWR | os.O_NOATIME
+# (TarSplitCollector.defer_crc; O_NOATIME is set apart, see _no_access_times)
+RECORDED_FILE_FLAGS = FILE_FLAGS & ~os.O_WRONLY | os.O_RDWR
 # plain members go through native runs when they can (tests turn it off to compare with the
 # entry-by-entry path, the spec)
 UNPACK_RUNS = True
@@ -94,6 +95,16 @@ def split_name(name: str, what: str = "name") -> list[str]:
     if len(os.fsencode(name)) >= PATH_MAX:
         raise ValueError(f"{what} is longer than PATH_MAX ({PATH_MAX} bytes)")
     return parts
+
+
+def _no_access_times(fd: int) -> bool:
+    """Makes reads through fd leave the file's access time alone (O_NOATIME): False when the
+    filesystem refuses, as it may for a file it gave another owner."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+    except OSError:
+        return False
+    return True
 
 
 class Extractor:
@@ -273,7 +284,8 @@ class Extractor:
                 self._write_sparse(fd, header, reader)
             else:
                 # the recorder reads the CRC back from the file, on its own thread
-                deferred = recorder is not None and recorder.defer_crc()
+                deferred = (recorder is not None and _no_access_times(fd)
+                            and recorder.defer_crc())
                 for piece in reader.chunks():
                     _write_all(fd, piece)
             # in this order: chown and writes drop file capabilities, chown drops setuid

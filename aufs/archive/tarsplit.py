@@ -243,7 +243,7 @@ class TarSplitRecorder(native.TarSplitCollector):
         self._batches: queue.SimpleQueue[tuple[Sequence[bytes | tuple[str, int, int]], int] | None]
         self._batches = queue.SimpleQueue()
         self._compressing: threading.Thread | None = None
-        self._failure: OSError | None = None  # the Python thread's, for finish to raise
+        self._failure: Exception | None = None  # the Python thread's, for finish to raise
         self._read = False  # archive_read() was called
         self._finished: bytes | None = None
 
@@ -265,8 +265,8 @@ class TarSplitRecorder(native.TarSplitCollector):
             if self._failure is None:  # after one, the batches are only freed (their files)
                 try:
                     lines = native.tarsplit_lines(*batch)
-                except OSError as error:  # reading a file's CRC back
-                    self._failure = error
+                except Exception as error:  # reading a file's CRC back, or memory
+                    self._failure = error  # the thread goes on: the batches left are freed
                     continue
                 self._compressed.append(self._compressor.compress(lines))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import resource
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -240,3 +241,39 @@ def test_a_file_that_shrank_before_the_thread_read_it_fails_finish(
         recorder.finish()
     assert implementation.tarsplit_fds_held() == 0
     assert open_fds() == before
+
+
+def test_the_cap_follows_the_fds_the_process_has_free(native: object, cap: None) -> None:
+    """A quarter of what RLIMIT_NOFILE leaves free when a recording starts: a process close
+    to its limit holds few files open, or none."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(open_fds())
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 40, hard))
+        TarSplitRecorder().abandon()
+        assert 8 <= implementation.tarsplit_fd_cap() <= 10
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 2, hard))
+        TarSplitRecorder().abandon()
+        assert implementation.tarsplit_fd_cap() == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    TarSplitRecorder().abandon()
+    expected = 512 if soft == resource.RLIM_INFINITY else min(512, (soft - in_use) // 4)
+    assert abs(implementation.tarsplit_fd_cap() - expected) <= 1  # the listing's own fd
+
+
+def test_a_file_whose_access_time_cannot_be_spared_is_summed(
+        native: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the filesystem refuses O_NOATIME (a file it gave another owner), the streamed
+    file's data is summed as it is read instead, and the file is closed at once."""
+    from aufs.archive import extract as extract_module
+
+    data, files = layer()
+    monkeypatch.setattr(extract_module, "_no_access_times", lambda fd: False)
+    taken = []
+    monkeypatch.setattr(TarSplitRecorder, "take_fd",
+                        lambda self, fd: taken.append(fd))  # never reached
+    lines, _ = record(data, tmp_path / "t")
+    assert taken == []
+    assert crcs(lines)[b"d/streamed"] == _fallback.crc64_iso(
+        0, files["d/streamed"]).to_bytes(8, "big")
