@@ -83,15 +83,17 @@ static int create_member(const struct aufs_unpack_run *run, struct aufs_unpack_e
             return -errno;
         return 0;
     }
-    int fd = openat(run->parent_fd, base,
-                    (keep_open ? O_RDWR : O_WRONLY) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+    int flags = O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd = openat(run->parent_fd, base, flags | (keep_open ? O_RDWR | O_NOATIME : O_WRONLY),
                     0600);
+    if (fd < 0 && keep_open && errno == EPERM) {
+        /* O_NOATIME refused: the kernel checks it once the file is made, so the file is
+         * there, ours and empty (O_EXCL made it); it is written and closed as any other */
+        keep_open = 0;
+        fd = openat(run->parent_fd, base, (flags & ~O_EXCL) | O_WRONLY, 0600);
+    }
     if (fd < 0)
         return -errno;
-    if (keep_open) { /* O_NOATIME set apart: a refusal must not fail the create */
-        int flags = fcntl(fd, F_GETFL);
-        keep_open = flags >= 0 && fcntl(fd, F_SETFL, flags | O_NOATIME) == 0;
-    }
     struct aufs_io_request request;
     memset(&request, 0, sizeof request);
     request.fd = fd;
