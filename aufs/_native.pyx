@@ -886,9 +886,10 @@ cdef size_t entry_size(const char *data, size_t offset, size_t size) noexcept no
     return head + get_word(data + offset + head - 8)
 
 
-cdef int resolve_fds(char *data, size_t size, size_t count) noexcept nogil:
-    """Reads back the CRC-64 of each FILE_WITH_FD entry from its fd, closes the fd, and makes
-    the entry a plain file: 0, or the first errno (every fd is closed all the same)."""
+cdef int resolve_fds(char *data, size_t size, size_t count, bint read_back) noexcept nogil:
+    """Closes the fd of each FILE_WITH_FD entry and makes it a plain file entry; with
+    read_back, its CRC-64 is read from the fd first: 0, or the first errno (every fd is
+    closed all the same)."""
     cdef size_t offset = 0, step, index
     cdef unsigned char *scratch = NULL
     cdef uint64_t crc
@@ -899,15 +900,15 @@ cdef int resolve_fds(char *data, size_t size, size_t count) noexcept nogil:
             break
         if data[offset] == FILE_WITH_FD:
             crc = 0
-            if scratch == NULL:
+            if read_back and scratch == NULL:
                 scratch = <unsigned char *>PyMem_RawMalloc(CRC_SCRATCH)
-            if scratch == NULL:
-                core.aufs_crc_fd_release(<int>get_word(data + offset + 9))
-                rc = ENOMEM
-            else:
+            if read_back and scratch != NULL:
                 rc = core.aufs_crc_fd_read(<int>get_word(data + offset + 9),
                                            get_word(data + offset + 1), &crc, scratch,
                                            CRC_SCRATCH)
+            else:
+                core.aufs_crc_fd_release(<int>get_word(data + offset + 9))
+                rc = ENOMEM if read_back else 0
             memcpy(data + offset + 9, &crc, 8)
             data[offset] = 1
             if rc and not first:
@@ -919,17 +920,8 @@ cdef int resolve_fds(char *data, size_t size, size_t count) noexcept nogil:
 
 cdef void discard_packed(char *data, size_t size, size_t count) noexcept nogil:
     """Frees a packed batch, closing the fds it still holds."""
-    cdef size_t offset = 0, step, index
-    if data == NULL:
-        return
-    for index in range(count):
-        step = entry_size(data, offset, size)
-        if step == 0:
-            break
-        if data[offset] == FILE_WITH_FD:
-            core.aufs_crc_fd_release(<int>get_word(data + offset + 9))
-            data[offset] = 1
-        offset += step
+    if data != NULL:
+        resolve_fds(data, size, count, False)
     PyMem_RawFree(data)
 
 
@@ -971,7 +963,7 @@ cdef int format_packed(char *packed, size_t size, size_t count, uint64_t positio
     cdef LineItem *entries
     cdef LineBuffer out
     cdef size_t bound = 0
-    cdef int rc = resolve_fds(packed, size, count)
+    cdef int rc = resolve_fds(packed, size, count, True)
     lines[0] = NULL
     length[0] = 0
     if rc:

@@ -42,6 +42,22 @@ def cap() -> Iterator[None]:
     implementation.tarsplit_fd_cap(-1)
 
 
+@pytest.fixture
+def held_up(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Recorders compress on the Python thread, which reads no batch (and so no file back)
+    until the event is set."""
+    go = threading.Event()
+    compress = TarSplitRecorder._compress_batches
+
+    def waiting(self: TarSplitRecorder) -> None:
+        go.wait(timeout=60)
+        compress(self)
+
+    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)
+    monkeypatch.setattr(TarSplitRecorder, "_compress_batches", waiting)
+    return go
+
+
 def open_fds() -> list[str]:
     return sorted(os.listdir("/proc/self/fd"))
 
@@ -95,21 +111,12 @@ def test_reading_back_leaves_the_times_alone(native: object, tmp_path: Path) -> 
 
 
 def test_the_cap_on_fds_held_is_kept(native: object, cap: None, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     held_up: threading.Event) -> None:
     """With the compressing thread held up, the files past the cap are summed from their data
     and closed at once: three stay open, until the thread reads them back."""
     data, _ = layer()
     implementation.tarsplit_fd_cap(0)
     expected, _ = record(data, tmp_path / "expected")
-    go = threading.Event()
-    compress = TarSplitRecorder._compress_batches
-
-    def held_up(self: TarSplitRecorder) -> None:
-        go.wait(timeout=60)
-        compress(self)
-
-    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)  # the Python thread, held up here
-    monkeypatch.setattr(TarSplitRecorder, "_compress_batches", held_up)
     implementation.tarsplit_fd_cap(3)
     (tmp_path / "capped").mkdir()
     recorder = TarSplitRecorder(hash_stream=True)
@@ -118,20 +125,15 @@ def test_the_cap_on_fds_held_is_kept(native: object, cap: None, tmp_path: Path,
             ExtractOptions(WhiteoutMode.LITERAL, tar_split=recorder))
     assert implementation.tarsplit_fds_held() == 3
     assert len(open_fds()) == len(before) + 3
-    go.set()
+    held_up.set()
     assert gzip.decompress(recorder.finish()) == expected
     assert implementation.tarsplit_fds_held() == 0
     assert open_fds() == before
 
 
 def test_an_apply_that_fails_leaves_no_file_open(native: object, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 held_up: threading.Event) -> None:
     data, _ = layer()
-    go = threading.Event()
-    compress = TarSplitRecorder._compress_batches
-    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)
-    monkeypatch.setattr(TarSplitRecorder, "_compress_batches",
-                        lambda self: (go.wait(timeout=60), compress(self)))
     recorder = TarSplitRecorder()
     (tmp_path / "t").mkdir()
     before = open_fds()
@@ -139,7 +141,7 @@ def test_an_apply_that_fails_leaves_no_file_open(native: object, tmp_path: Path,
         extract(io.BytesIO(data[:len(data) - (6 << 20)]), str(tmp_path / "t"),
                 ExtractOptions(WhiteoutMode.LITERAL, tar_split=recorder))
     assert implementation.tarsplit_fds_held() > 0  # batches wait in the held-up queue
-    go.set()
+    held_up.set()
     recorder.abandon()
     assert implementation.tarsplit_fds_held() == 0
     assert open_fds() == before
@@ -223,20 +225,15 @@ def test_the_spec_never_defers() -> None:
 
 
 def test_a_file_that_shrank_before_the_thread_read_it_fails_finish(
-        native: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        native: object, tmp_path: Path, held_up: threading.Event) -> None:
     data, _ = layer()
-    go = threading.Event()
-    compress = TarSplitRecorder._compress_batches
-    monkeypatch.setattr(tarsplit, "NATIVE_GZIP", False)
-    monkeypatch.setattr(TarSplitRecorder, "_compress_batches",
-                        lambda self: (go.wait(timeout=60), compress(self)))
     recorder = TarSplitRecorder()
     (tmp_path / "t").mkdir()
     before = open_fds()
     extract(io.BytesIO(data), str(tmp_path / "t"),
             ExtractOptions(WhiteoutMode.LITERAL, tar_split=recorder))
     os.truncate(tmp_path / "t" / "d" / "small-7", 3)
-    go.set()
+    held_up.set()
     with pytest.raises(OSError, match="reading a file's CRC back"):
         recorder.finish()
     assert implementation.tarsplit_fds_held() == 0
